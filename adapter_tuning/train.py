@@ -1,0 +1,28 @@
+"""Adapter tuning: Chinese GPT-2 with a bottleneck adapter after every block, for Weibo sentiment.
+
+The base model is frozen; only the adapters and the classification head train.
+Edit the constants below or override any of them on the command line (see --help).
+"""
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from weibo_senti import cli, training  # noqa: E402
+
+MODEL = "uer/gpt2-chinese-cluecorpussmall"  # hub id, or a folder written by save_pretrained
+DATA = Path(os.environ.get("WEIBO_SENTI_DATA", "dataset/weibo_senti_100k.csv"))  # label,review CSV (or env WEIBO_SENTI_DATA)
+OUTPUT_DIR = Path("adapter_tuning/output")  # best/ (best macro-F1), last/ (for --resume), training_log.json
+EPOCHS = 2  # passes over the training rows
+BATCH_SIZE = 16  # texts per step (per process)
+LR = 5e-5  # AdamW peak learning rate
+WARMUP_RATIO = 0.1  # share of steps with linear warm-up, then linear decay
+MAX_LENGTH = 128  # tokens per text, longer texts are cut
+ADAPTER_SIZE = 64  # bottleneck width of each adapter
+VAL_FRACTION = 0.1  # share of rows held out for validation (stratified)
+SEED = 42  # split, initialisation and batch order
+MAX_SAMPLES = 0  # use a stratified subset of this many rows (0 = all), for quick runs
+RESUME = False  # continue the run in OUTPUT_DIR from its last finished epoch
+
+if __name__ == "__main__":
+    cli.main(lambda: training.run(cli.parse_config(globals()), "adapter_tuning"))

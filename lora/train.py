@@ -1,0 +1,32 @@
+"""LoRA on Chinese GPT-2 for Weibo sentiment, through PEFT (r=8, alpha=32, dropout 0.1 on c_attn and c_proj).
+
+The base model is frozen; the LoRA matrices and the classification head train. The best checkpoint is a PEFT
+adapter folder. Edit the constants below or override any of them on the command line (see --help).
+"""
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from weibo_senti import cli, lora  # noqa: E402
+
+MODEL = "uer/gpt2-chinese-cluecorpussmall"  # hub id, or a folder written by save_pretrained
+DATA = Path(os.environ.get("WEIBO_SENTI_DATA", "dataset/weibo_senti_100k.csv"))  # label,review CSV (or env WEIBO_SENTI_DATA)
+OUTPUT_DIR = Path("lora/output")  # best/ (best macro-F1), last/ (for --resume), training_log.json
+EPOCHS = 3  # passes over the training rows
+BATCH_SIZE = 16  # texts per step (per process)
+LR = 5e-4  # AdamW peak learning rate
+WARMUP_RATIO = 0.1  # share of steps with linear warm-up, then linear decay
+MAX_LENGTH = 128  # tokens per text, longer texts are cut
+LORA_R = 8  # rank of the LoRA update
+LORA_ALPHA = 32  # LoRA scaling: the update is multiplied by alpha / r
+LORA_DROPOUT = 0.1  # dropout on the LoRA input
+TARGET_MODULES = "c_attn,c_proj"  # comma-separated module names; c_proj matches the attention and the MLP output projections
+VAL_FRACTION = 0.1  # share of rows held out for validation (stratified)
+SEED = 42  # split, initialisation and batch order
+MAX_SAMPLES = 0  # use a stratified subset of this many rows (0 = all), for quick runs
+RESUME = False  # continue the run in OUTPUT_DIR from its last finished epoch
+MERGE_TO = ""  # after training, also write best/ merged into a standalone model folder here
+
+if __name__ == "__main__":
+    cli.main(lambda: lora.main(globals(), "lora"))

@@ -1,0 +1,59 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network; set before huggingface_hub is imported
+
+import runpy  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+import tiny  # noqa: E402
+from weibo_senti import REPO_ROOT, cli, training  # noqa: E402
+TRAIN_SCRIPTS = {name: REPO_ROOT / name / "train.py" for name in ("adapter_tuning", "lora", "bert_lora")}
+BASE_FAMILY = {"adapter_tuning": "gpt2", "lora": "gpt2", "bert_lora": "bert"}
+# a learning rate at which the tiny random models learn the synthetic data in a few epochs
+FAST = ["--lr", "1e-2", "--batch-size", "16"]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {"gpt2": tiny.make_gpt2(root / "gpt2"), "bert": tiny.make_bert(root / "bert")}
+
+
+@pytest.fixture(scope="session")
+def weibo_csv(tmp_path_factory):
+    return tiny.write_csv(tmp_path_factory.mktemp("data") / "weibo.csv", tiny.synthetic_rows(400))
+
+
+def script_config(method, argv):
+    """The train.py constants of `method`, overridden by argv exactly as on the command line."""
+    script_globals = runpy.run_path(str(TRAIN_SCRIPTS[method]), run_name="imported_by_tests")
+    return cli.parse_config(script_globals, argv)
+
+
+def train(method, model, data, output_dir, *extra):
+    argv = ["--model", str(model), "--data", str(data), "--output-dir", str(output_dir), *FAST, *extra]
+    return training.run(script_config(method, argv), method)
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_models, weibo_csv, tmp_path_factory):
+    """One short training run per method, shared by the tests that only read its checkpoint."""
+    runs = {}
+
+    def get(method):
+        if method not in runs:
+            output_dir = tmp_path_factory.mktemp(method)
+            log = train(method, tiny_models[BASE_FAMILY[method]], weibo_csv, output_dir, "--epochs", "4")
+            runs[method] = (output_dir, log)
+        return runs[method]
+
+    return get
+
+
+def run_script(path, *args, stdin=None, cwd=REPO_ROOT):
+    return subprocess.run(
+        [sys.executable, str(path), *map(str, args)], input=stdin, capture_output=True, text=True, cwd=cwd, timeout=300,
+    )

@@ -1,0 +1,75 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from weibo_senti import lora
+from weibo_senti.checkpoint import load_checkpoint
+from weibo_senti.models import load_tokenizer
+from weibo_senti.predict import Classifier
+
+TEXTS = ["今天好开心[哈哈]", "讨厌难过[泪]", "北京天气", "好"]
+SETTINGS = {
+    "gpt2": {"r": 8, "lora_alpha": 32, "lora_dropout": 0.1, "target_modules": ["c_attn", "c_proj"]},
+    "bert": {"r": 8, "lora_alpha": 32, "lora_dropout": 0.1, "target_modules": ["query", "value"]},
+}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_only_lora_and_head_parameters_train(tiny_models, family):
+    model = lora.build(tiny_models[family], load_tokenizer(tiny_models[family]), SETTINGS[family])
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    head = "score" if family == "gpt2" else "classifier"
+    assert trainable and all("lora_" in name or f".{head}." in name for name in trainable)
+    assert any(f".{head}." in name for name in trainable)
+    if family == "gpt2":  # c_proj matches the attention output and the MLP output projection
+        wrapped = {name.split(".lora_A")[0] for name in trainable if ".lora_A" in name}
+        assert {"attn.c_attn", "attn.c_proj", "mlp.c_proj"} == {".".join(n.split(".")[-2:]) for n in wrapped}
+
+
+def probabilities(model, tokenizer):
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return torch.softmax(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, -1)
+
+
+@pytest.mark.parametrize("method", ["lora", "bert_lora"])
+def test_plain_peft_reload_gives_the_saved_models_probabilities_head_included(trained, tiny_models, method):
+    output_dir, _ = trained(method)
+    ours, tokenizer, info = load_checkpoint(output_dir / "best")
+    base = AutoModelForSequenceClassification.from_pretrained(info["base_model_path"], num_labels=2, pad_token_id=tokenizer.pad_token_id)
+    reloaded = PeftModel.from_pretrained(base, output_dir / "best").eval()
+    expected = probabilities(ours, tokenizer)
+    torch.testing.assert_close(probabilities(reloaded, tokenizer), expected)
+    fresh_head = AutoModelForSequenceClassification.from_pretrained(info["base_model_path"], num_labels=2, pad_token_id=tokenizer.pad_token_id)
+    assert not torch.allclose(probabilities(fresh_head.eval(), tokenizer), expected, atol=1e-3)  # the trained head is what matters
+
+
+@pytest.mark.parametrize("method", ["lora", "bert_lora"])
+def test_merged_export_equals_the_adapter_model_and_loads_without_peft(trained, tmp_path, method):
+    output_dir, _ = trained(method)
+    model, tokenizer, _ = load_checkpoint(output_dir / "best")
+    merged_dir = lora.export_merged(output_dir / "best", tmp_path / "merged")
+    merged = AutoModelForSequenceClassification.from_pretrained(merged_dir).eval()
+    torch.testing.assert_close(probabilities(merged, AutoTokenizer.from_pretrained(merged_dir)), probabilities(model, tokenizer), atol=1e-4, rtol=0)
+    # a fresh interpreter in which importing peft fails still loads it, through pipeline()
+    code = (
+        "import sys; sys.modules['peft'] = None\n"
+        "from transformers import pipeline\n"
+        f"print(pipeline('text-classification', model={str(merged_dir)!r})('今天好开心[哈哈]')[0]['label'])"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] in {"negative", "positive"}
+    assert Classifier.load(merged_dir).predict(TEXTS)[0]["label"] == Classifier.load(output_dir / "best").predict(TEXTS)[0]["label"]
+
+
+def test_pipeline_path_gives_the_direct_paths_label_and_confidence(trained):
+    output_dir, _ = trained("bert_lora")
+    direct = Classifier.load(output_dir / "best").predict(TEXTS)
+    through_pipeline = Classifier.load(output_dir / "best", use_pipeline=True).predict(TEXTS)
+    assert [r["label"] for r in through_pipeline] == [r["label"] for r in direct]
+    assert [r["confidence"] for r in through_pipeline] == pytest.approx([r["confidence"] for r in direct], abs=1e-5)

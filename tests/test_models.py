@@ -1,0 +1,49 @@
+import shutil
+
+import pytest
+
+from weibo_senti import models
+from weibo_senti.models import ModelNotFound, resolve_model
+
+
+def test_a_save_pretrained_folder_is_used_as_is(tiny_models):
+    assert resolve_model(str(tiny_models["gpt2"])) == tiny_models["gpt2"]
+
+
+def test_a_hub_id_uses_its_copy_under_models(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "MODELS_DIR", tmp_path)
+    shutil.copytree(tiny_models["gpt2"], tmp_path / "gpt2-chinese-cluecorpussmall")
+    assert resolve_model("uer/gpt2-chinese-cluecorpussmall") == tmp_path / "gpt2-chinese-cluecorpussmall"
+
+
+def test_offline_without_a_copy_says_what_was_tried_and_how_to_provide_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "MODELS_DIR", tmp_path)
+    with pytest.raises(ModelNotFound) as error:
+        resolve_model("uer/gpt2-chinese-cluecorpussmall")
+    message = str(error.value)
+    assert "the folder uer/gpt2-chinese-cluecorpussmall: does not exist" in message
+    assert f"the folder {tmp_path / 'gpt2-chinese-cluecorpussmall'}: does not exist" in message
+    assert "downloading 'uer/gpt2-chinese-cluecorpussmall' from the Hugging Face hub" in message
+    assert "--model PATH" in message and "save_pretrained" in message
+    assert not list(tmp_path.iterdir())  # no half-downloaded folder
+
+
+def test_a_missing_local_path_is_not_sent_to_the_hub(tmp_path):
+    with pytest.raises(ModelNotFound, match="does not exist") as error:
+        resolve_model(str(tmp_path / "gpt2"))
+    assert "hub" not in str(error.value).split("To provide it")[0]
+
+
+def test_a_hub_id_is_downloaded_once_and_saved_under_models(tiny_models, tmp_path, monkeypatch):
+    """The hub code path, served from a local hub cache laid out as huggingface_hub keeps it."""
+    snapshot = tmp_path / "hub" / "models--someone--tiny-gpt2" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_models["gpt2"], snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(models, "MODELS_DIR", tmp_path / "models")
+    local = resolve_model("someone/tiny-gpt2")
+    assert local == tmp_path / "models" / "tiny-gpt2"
+    assert {"config.json", "model.safetensors", "tokenizer_config.json"} <= {p.name for p in local.iterdir()}
+    assert models.load_tokenizer(local).pad_token == "[PAD]"

@@ -1,0 +1,99 @@
+import io
+import json
+
+import numpy as np
+import pytest
+
+import tiny
+from conftest import run_script
+from weibo_senti import REPO_ROOT
+from weibo_senti.predict import Classifier, clean_text, console, score_stream
+
+TEXTS = ["今天好开心[哈哈]", "讨厌难过[泪]"]
+
+
+@pytest.fixture
+def classifier(trained):
+    output_dir, _ = trained("adapter_tuning")
+    return Classifier.load(output_dir / "best")
+
+
+def test_console_asks_again_on_empty_input_survives_errors_and_quits_on_q(classifier, capsys, monkeypatch):
+    answers = iter(["", "今天好开心[哈哈]", "boom", "讨厌难过[泪]", "Q"])
+    real_predict = classifier.predict
+
+    def predict(texts, *a):
+        if texts == ["boom"]:
+            raise RuntimeError("model exploded")
+        return real_predict(texts, *a)
+
+    monkeypatch.setattr(classifier, "predict", predict)
+    console(classifier, read=lambda prompt: next(answers))
+    shown = capsys.readouterr().out
+    assert "输入不能为空，请重新输入" in shown
+    assert "预测出错: model exploded" in shown
+    assert shown.count("预测结果: ") == 2 and "置信度" in shown
+    assert ("正面情感" in shown) and ("负面情感" in shown)
+
+
+def test_console_ends_on_end_of_input(classifier):
+    def closed(prompt):
+        raise EOFError
+
+    console(classifier, read=closed)  # returns instead of raising
+
+
+def test_stream_writes_one_json_line_per_text_in_input_order(classifier):
+    out = io.StringIO()
+    score_stream(classifier, io.StringIO("今天好开心[哈哈]\n\n讨厌难过[泪]\n北京"), out, batch_size=2, chunk_lines=2)
+    results = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [r["text"] for r in results] == ["今天好开心[哈哈]", "讨厌难过[泪]", "北京"]
+    expected = classifier.predict(["今天好开心[哈哈]", "讨厌难过[泪]", "北京"])
+    assert [r["prob_positive"] for r in results] == pytest.approx([r["prob_positive"] for r in expected], abs=1e-6)
+
+
+def test_batches_sorted_by_length_give_the_same_answers_as_one_by_one(classifier):
+    texts = [text for _, text in tiny.synthetic_rows(30, seed=3)]
+    batched = classifier.probabilities(texts, batch_size=8)
+    single = np.stack([classifier.probabilities([t])[0] for t in texts])
+    assert batched == pytest.approx(single, abs=1e-5)
+
+
+def test_gpt2_pipeline_path_matches_the_direct_path(trained):
+    output_dir, _ = trained("adapter_tuning")
+    direct = Classifier.load(output_dir / "best").probabilities(TEXTS)
+    assert Classifier.load(output_dir / "best", use_pipeline=True).probabilities(TEXTS) == pytest.approx(direct, abs=1e-5)
+
+
+def test_predict_script_scores_a_file_stdin_and_one_text(trained, tmp_path, classifier):
+    output_dir, _ = trained("adapter_tuning")
+    source = tiny.write_csv(tmp_path / "posts.csv", [(1, TEXTS[0]), (0, TEXTS[1])])
+    script = REPO_ROOT / "adapter_tuning" / "predict.py"
+    result = run_script(script, "--checkpoint", output_dir / "best", "--file", source, "--out", tmp_path / "out.csv")
+    assert result.returncode == 0, result.stderr
+    assert "scored 2 texts" in result.stderr and "accuracy against its 'label' column" in result.stderr
+    scored = (tmp_path / "out.csv").read_text(encoding="utf-8").splitlines()
+    assert scored[0] == "label,review,pred_label,sentiment,confidence,prob_positive"
+    expected = classifier.predict(TEXTS)
+    assert float(scored[1].split(",")[-1]) == pytest.approx(expected[0]["prob_positive"], abs=1e-6)
+
+    result = run_script(script, "--checkpoint", output_dir / "best", stdin="\n".join(TEXTS) + "\n", cwd=tmp_path)
+    assert [json.loads(line)["label"] for line in result.stdout.splitlines()] == [r["label"] for r in expected]
+
+    result = run_script("predict.py", "--checkpoint", output_dir / "best", "--text", TEXTS[1], cwd=REPO_ROOT / "adapter_tuning")
+    assert result.stdout.strip() == f"{expected[1]['sentiment']} (置信度: {expected[1]['confidence']:.4f})"
+
+
+def test_predict_script_names_a_missing_column_and_checkpoint(trained, tmp_path):
+    output_dir, _ = trained("adapter_tuning")
+    source = tiny.write_csv(tmp_path / "posts.csv", [("a",)], header=("text",))
+    script = REPO_ROOT / "adapter_tuning" / "predict.py"
+    result = run_script(script, "--checkpoint", output_dir / "best", "--file", source)
+    assert result.returncode == 2 and "no column 'review' (columns: text); choose one with --column" in result.stderr
+    result = run_script(script, "--checkpoint", tmp_path / "none", "--text", "x")
+    assert result.returncode == 2 and "no checkpoint at" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_clean_text_removes_what_the_original_scripts_removed():
+    raw = "{%转发%}@小明: 【热点】今天\u200b好开心😀  真的"
+    assert clean_text(raw) == "今天好开心 真的"

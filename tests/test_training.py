@@ -1,0 +1,86 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import train
+from weibo_senti import UserError, training
+from weibo_senti.checkpoint import load_checkpoint
+from weibo_senti.data import EncodedTexts, load_labelled_csv, make_collate, split_train_val
+
+
+@pytest.mark.parametrize("method", ["adapter_tuning", "lora", "bert_lora"])
+def test_short_run_lowers_the_loss_and_keeps_the_best_checkpoint(trained, method):
+    output_dir, log = trained(method)
+    assert [entry["epoch"] for entry in log] == [1, 2, 3, 4]
+    assert log[-1]["train_loss"] < log[0]["train_loss"]
+    assert min(entry["val_loss"] for entry in log) < log[0]["val_loss"]
+    for key in ("val_accuracy", "val_macro_f1", "val_no_emoticons_accuracy", "val_no_emoticons_macro_f1", "train_seconds"):
+        assert key in log[0]
+    assert json.loads((output_dir / "training_log.json").read_text(encoding="utf-8")) == log
+    info = json.loads((output_dir / "best" / "checkpoint.json").read_text(encoding="utf-8"))
+    best = max(log, key=lambda entry: entry["val_macro_f1"])
+    assert info["method"] == method and info["metrics"]["val_macro_f1"] == best["val_macro_f1"]
+    assert info["parameters"]["trainable"] < info["parameters"]["total"]
+
+
+def test_checkpoint_holds_only_the_trained_weights(trained):
+    output_dir, _ = trained("adapter_tuning")
+    weights = load_file(output_dir / "best" / "adapter_model.safetensors")
+    assert weights and all(".adapter." in name or name.startswith("score.") for name in weights)
+    model, _, _ = load_checkpoint(output_dir / "best")
+    for name, tensor in weights.items():
+        torch.testing.assert_close(model.state_dict()[name], tensor)
+
+
+def test_resume_continues_where_the_run_stopped(tiny_models, weibo_csv, tmp_path, monkeypatch):
+    args = ("--epochs", "3", "--adapter-size", "16")
+    full_log = train("adapter_tuning", tiny_models["gpt2"], weibo_csv, tmp_path / "full", *args)
+
+    real_evaluate, calls = training.evaluate, []
+
+    def crash_in_second_epoch(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:  # epoch 2's first evaluation
+            raise KeyboardInterrupt
+        return real_evaluate(*a, **k)
+
+    monkeypatch.setattr(training, "evaluate", crash_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train("adapter_tuning", tiny_models["gpt2"], weibo_csv, tmp_path / "split", *args)
+    monkeypatch.setattr(training, "evaluate", real_evaluate)
+    assert len(json.loads((tmp_path / "split" / "training_log.json").read_text())) == 1
+
+    resumed_log = train("adapter_tuning", tiny_models["gpt2"], weibo_csv, tmp_path / "split", *args, "--resume")
+    assert [e["epoch"] for e in resumed_log] == [1, 2, 3]
+    for full, resumed in zip(full_log, resumed_log):
+        assert resumed["train_loss"] == pytest.approx(full["train_loss"], abs=1e-6)
+        assert resumed["val_loss"] == pytest.approx(full["val_loss"], abs=1e-6)
+    for name in ("best", "last"):
+        expected = load_file(tmp_path / "full" / name / "adapter_model.safetensors")
+        got = load_file(tmp_path / "split" / name / "adapter_model.safetensors")
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=0)
+
+
+def test_resume_refuses_changed_settings_and_missing_runs(tiny_models, weibo_csv, tmp_path):
+    with pytest.raises(UserError, match="no run to resume"):
+        train("adapter_tuning", tiny_models["gpt2"], weibo_csv, tmp_path, "--epochs", "1", "--resume")
+    train("adapter_tuning", tiny_models["gpt2"], weibo_csv, tmp_path, "--epochs", "1", "--max-samples", "100")
+    with pytest.raises(UserError, match="max_samples: 100 -> 0"):
+        train("adapter_tuning", tiny_models["gpt2"], weibo_csv, tmp_path, "--epochs", "1", "--resume")
+
+
+def test_saved_model_predicts_like_the_in_memory_model(trained, weibo_csv):
+    from weibo_senti.predict import Classifier
+
+    output_dir, _ = trained("adapter_tuning")
+    model, tokenizer, info = load_checkpoint(output_dir / "best")
+    table, _ = load_labelled_csv(weibo_csv)
+    _, val = split_train_val(table, 0.1, seed=42)
+    batch = make_collate(tokenizer.pad_token_id)([EncodedTexts(val["review"], None, tokenizer, 128)[i] for i in range(len(val))])
+    with torch.no_grad():
+        expected = torch.softmax(model(**batch).logits, -1).numpy()
+    got = Classifier.load(output_dir / "best").probabilities(val["review"].tolist(), batch_size=7)
+    assert got == pytest.approx(expected, abs=1e-5)

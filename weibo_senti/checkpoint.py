@@ -1,0 +1,127 @@
+"""Checkpoint folders: only the trained weights, the tokenizer, and checkpoint.json to rebuild the model from.
+
+A folder is written under a temporary name and swapped in by rename, so a crash while writing
+never damages the checkpoint that was there before.
+"""
+import importlib
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from . import UserError
+from .models import load_tokenizer, resolve_model
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+INFO_FILE = "checkpoint.json"
+TRAINING_STATE_FILE = "training_state.pt"
+# method name in checkpoint.json -> the module with its settings(), build() and save()
+METHOD_MODULES = {
+    "adapter_tuning": "adapter_tuning.adapter",
+    "lora": "weibo_senti.lora",
+    "bert_lora": "weibo_senti.lora",
+}
+
+
+class CheckpointError(UserError):
+    """A checkpoint folder that is missing, of another method, or damaged; the message names the file."""
+
+
+def method_module(name):
+    return importlib.import_module(METHOD_MODULES[name])
+
+
+def _previous(path):
+    return path.with_name(path.name + ".previous")
+
+
+@contextmanager
+def atomic_directory(final):
+    """Yield an empty temporary folder; once the block succeeds it replaces `final` in one rename."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.writing-"))
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it private; a checkpoint is an ordinary folder
+    try:
+        yield tmp
+        for file in (f for f in tmp.iterdir() if f.is_file()):
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(_previous(final), ignore_errors=True)
+        final.rename(_previous(final))
+    tmp.rename(final)
+    shutil.rmtree(_previous(final), ignore_errors=True)
+
+
+def write_json_atomic(path, data):
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=Path(path).parent, delete=False, suffix=".tmp") as tmp:
+        json.dump(data, tmp, ensure_ascii=False, indent=2)
+        tmp.flush()
+        os.fsync(tmp.fileno())
+    os.chmod(tmp.name, 0o666 & ~_UMASK)
+    os.replace(tmp.name, path)
+
+
+def write_checkpoint(directory, model, tokenizer, info, training_state=None):
+    with atomic_directory(directory) as tmp:
+        method_module(info["method"]).save(model, tmp)
+        tokenizer.save_pretrained(tmp)
+        if training_state is not None:
+            torch.save(training_state, tmp / TRAINING_STATE_FILE)
+        write_json_atomic(tmp / INFO_FILE, info)
+
+
+def find_checkpoint(directory):
+    """`directory`, or the copy a crash between the two renames of atomic_directory left beside it."""
+    directory = Path(directory)
+    if not directory.exists() and _previous(directory).is_dir():
+        return _previous(directory)
+    return directory
+
+
+def read_info(directory):
+    directory = find_checkpoint(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"no checkpoint at {directory}: train one first (python <method>/train.py) or pass --checkpoint PATH")
+    info_path = directory / INFO_FILE
+    if not info_path.is_file():
+        raise CheckpointError(f"{directory} is not a checkpoint of this toolkit: it has no {INFO_FILE}")
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{info_path} is damaged: {error}") from None
+    if info.get("method") not in METHOD_MODULES:
+        raise CheckpointError(f"{info_path}: unknown method {info.get('method')!r}; known: {', '.join(METHOD_MODULES)}")
+    return info
+
+
+def base_model_of(info):
+    """The base model folder recorded at training time, or the same model resolved again (e.g. on another machine)."""
+    recorded = Path(info["base_model_path"])
+    return recorded if (recorded / "config.json").is_file() else resolve_model(info["base_model"])
+
+
+def load_checkpoint(directory, for_training=False):
+    """Rebuild (model, tokenizer, info) from a checkpoint folder alone."""
+    directory = find_checkpoint(directory)
+    info = read_info(directory)
+    tokenizer = load_tokenizer(directory)
+    method = method_module(info["method"])
+    try:
+        model = method.build(base_model_of(info), tokenizer, info["method_settings"], weights_from=directory)
+    except CheckpointError:
+        raise
+    except Exception as error:
+        raise CheckpointError(f"{directory}: cannot load the trained weights ({type(error).__name__}: {error})") from None
+    if not for_training:
+        model.eval()
+    return model, tokenizer, info

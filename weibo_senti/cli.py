@@ -1,0 +1,74 @@
+"""Turn the UPPER_CASE constants at the top of a script into command-line flags (nanoGPT style).
+
+MAX_LENGTH = 128  # comment      ->  --max-length 128, help text 'comment'
+
+A relative Path constant is relative to the repository (so a script works from any folder);
+a relative path typed on the command line is relative to where you are, as usual.
+"""
+import argparse
+import re
+import sys
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import transformers
+
+from . import REPO_ROOT, UserError
+
+_CONSTANT_LINE = re.compile(r"^([A-Z][A-Z0-9_]*)\s*=.*?(?:#\s*(.*))?$")
+
+
+def _help_texts(script_path):
+    texts = {}
+    for line in Path(script_path).read_text(encoding="utf-8").splitlines():
+        match = _CONSTANT_LINE.match(line)
+        if match and match.group(2):
+            texts[match.group(1)] = match.group(2).strip()
+    return texts
+
+
+def _path_type(value):
+    return Path(value)
+
+
+def parse_config(script_globals, argv=None):
+    """Return the script's constants, overridden by any --flags, as a namespace with lower_case names."""
+    constants = {
+        name: value
+        for name, value in script_globals.items()
+        if name.isupper() and isinstance(value, (bool, int, float, str, Path))
+    }
+    helps = _help_texts(script_globals["__file__"])
+    parser = argparse.ArgumentParser(
+        description=(script_globals.get("__doc__") or "").strip(),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for name, default in constants.items():
+        flag = "--" + name.lower().replace("_", "-")
+        if isinstance(default, Path) and not default.is_absolute():
+            default = REPO_ROOT / default
+        kwargs = {"default": default, "help": helps.get(name, " ")}
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = _path_type if isinstance(default, Path) else type(default)
+            kwargs["metavar"] = name
+        parser.add_argument(flag, dest=name.lower(), **kwargs)
+    return SimpleNamespace(**vars(parser.parse_args(argv)))
+
+
+def main(function):
+    """Run a script's work; a UserError ends it with its message instead of a traceback."""
+    # The "newly initialized: score.weight" load report is expected here: the head is what we train.
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # raised inside PEFT
+    try:
+        function()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        raise SystemExit(130) from None

@@ -1,0 +1,169 @@
+"""Read and check the labelled CSV (label,review), split it, and turn it into padded batches."""
+import io
+import re
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+from sklearn.model_selection import train_test_split
+from . import UserError
+
+LABEL_NAMES = ("negative", "positive")  # label 0, label 1
+DATA_ENV_VAR = "WEIBO_SENTI_DATA"
+PUBLIC_DATASET_HINT = (
+    "weibo_senti_100k is public: ChineseNlpCorpus (github.com/SophonPlus/ChineseNlpCorpus, "
+    "datasets/weibo_senti_100k). Save it as dataset/weibo_senti_100k.csv, or point to your copy with "
+    f"--data PATH or the environment variable {DATA_ENV_VAR}=PATH."
+)
+MISSING_TEXT_MARKERS = {"nan", "NaN", "NAN", "None", "null", "NULL"}  # what pandas or Excel wrote for an empty cell
+
+# Weibo emoticon tags such as [哈哈] or [泪]: the labels of weibo_senti_100k were derived from them.
+EMOTICON_TAG = re.compile(r"\[[^\[\]\s]{1,10}\]")
+
+
+class DataError(UserError):
+    """Bad input data; the message names the file, the rows and the column."""
+
+
+def strip_emoticons(text):
+    return EMOTICON_TAG.sub("", text)
+
+
+def _rows(row_numbers, shown=8):
+    listed = ", ".join(str(r) for r in row_numbers[:shown])
+    more = len(row_numbers) - shown
+    return listed + (f" and {more:,} more" if more > 0 else "")
+
+
+def read_csv_text(path):
+    """The CSV as a DataFrame of strings; a clear DataError when the file is missing, not UTF-8 or not CSV."""
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}\n{PUBLIC_DATASET_HINT}")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}: not UTF-8 text (line {line}, byte offset {error.start}: {raw[error.start:error.start + 4]!r}). "
+            f"Convert it first, for example: iconv -f GBK -t UTF-8 {path.name} > utf8.csv"
+        ) from None
+    text = text.removeprefix("\ufeff")  # a BOM at the start of the file would become part of the first column name
+    try:
+        return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise DataError(f"{path}: not a readable CSV file: {error}") from None
+
+
+@dataclass
+class DataReport:
+    path: str
+    rows_read: int
+    rows_used: int = 0
+    problems: list = field(default_factory=list)  # one line per kind of problem, with row numbers
+
+    def __str__(self):
+        head = f"{self.path}: {self.rows_read:,} rows read, {self.rows_used:,} used (row 1 is the header)"
+        return "\n".join([head] + [f"  {line}" for line in self.problems])
+
+
+def load_labelled_csv(path):
+    """Read `label,review`, drop the rows that cannot be used and say why. Returns (DataFrame, DataReport)."""
+    table = read_csv_text(path)
+    table.columns = [str(c).strip() for c in table.columns]
+    missing = [c for c in ("label", "review") if c not in table.columns]
+    if missing:
+        raise DataError(
+            f"{path}: missing column(s) {', '.join(missing)}; the header is {', '.join(table.columns) or '(empty)'}. "
+            "Expected a header line 'label,review' (1 positive, 0 negative)."
+        )
+    report = DataReport(str(path), len(table))
+    table = pd.DataFrame({"row": range(2, len(table) + 2), "label": table["label"].str.strip(), "review": table["review"]})
+
+    bad_label = ~table["label"].isin({"0", "1"})
+    if bad_label.any():
+        examples = ", ".join(repr(v) for v in table.loc[bad_label, "label"].unique()[:5])
+        report.problems.append(
+            f"dropped {bad_label.sum():,} rows whose column 'label' is not 0 or 1 ({examples}): rows {_rows(table.loc[bad_label, 'row'].tolist())}"
+        )
+        table = table[~bad_label]
+
+    has_bom = table["review"].str.startswith("\ufeff")
+    if has_bom.any():
+        report.problems.append(
+            f"removed a leading BOM (U+FEFF) from column 'review' in rows {_rows(table.loc[has_bom, 'row'].tolist())}"
+        )
+        table = table.assign(review=table["review"].str.lstrip("\ufeff"))
+
+    empty = (table["review"].str.strip() == "") | table["review"].isin(MISSING_TEXT_MARKERS)
+    if empty.any():
+        report.problems.append(f"dropped {empty.sum():,} rows with an empty or NaN 'review': rows {_rows(table.loc[empty, 'row'].tolist())}")
+        table = table[~empty]
+
+    table = table.assign(label=table["label"].astype(int))
+    conflicting = table.groupby("review")["label"].transform("nunique") > 1
+    if conflicting.any():
+        report.problems.append(
+            f"dropped {conflicting.sum():,} rows whose 'review' text also appears with the other label "
+            f"({table.loc[conflicting, 'review'].nunique():,} texts): rows {_rows(table.loc[conflicting, 'row'].tolist())}"
+        )
+        table = table[~conflicting]
+
+    repeated = table.duplicated(subset=["review", "label"])
+    if repeated.any():
+        report.problems.append(
+            f"dropped {repeated.sum():,} rows repeating an earlier row (would leak between train and validation): "
+            f"rows {_rows(table.loc[repeated, 'row'].tolist())}"
+        )
+        table = table[~repeated]
+
+    report.rows_used = len(table)
+    if table.empty:
+        raise DataError(f"no usable rows left.\n{report}")
+    if table["label"].nunique() < 2:
+        raise DataError(f"{path}: every usable row has label {table['label'].iloc[0]}; both 0 and 1 are needed.\n{report}")
+    return table.reset_index(drop=True), report
+
+
+def split_train_val(table, val_fraction, seed, max_samples=0):
+    """Stratified, seeded split; max_samples > 0 first takes a stratified subset of that many rows."""
+    try:
+        if 0 < max_samples < len(table):
+            table, _ = train_test_split(table, train_size=max_samples, stratify=table["label"], random_state=seed)
+        train, val = train_test_split(table, test_size=val_fraction, stratify=table["label"], random_state=seed)
+    except ValueError as error:
+        raise DataError(f"cannot split {len(table):,} rows with validation fraction {val_fraction}: {error}") from None
+    return train.reset_index(drop=True), val.reset_index(drop=True)
+
+
+class EncodedTexts(torch.utils.data.Dataset):
+    """Texts tokenized once, unpadded; `collate` pads each batch to its own longest text."""
+
+    def __init__(self, texts, labels, tokenizer, max_length):
+        self.input_ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+        self.labels = list(labels) if labels is not None else None
+
+    def __len__(self):
+        return len(self.input_ids)
+
+    def __getitem__(self, index):
+        item = {"input_ids": self.input_ids[index]}
+        if self.labels is not None:
+            item["labels"] = self.labels[index]
+        return item
+
+
+def make_collate(pad_token_id):
+    def collate(items):
+        longest = max(len(item["input_ids"]) for item in items)
+        input_ids = torch.full((len(items), longest), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), longest), dtype=torch.long)
+        for row, item in enumerate(items):
+            input_ids[row, : len(item["input_ids"])] = torch.tensor(item["input_ids"])
+            attention_mask[row, : len(item["input_ids"])] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if "labels" in items[0]:
+            batch["labels"] = torch.tensor([item["labels"] for item in items])
+        return batch
+
+    return collate

@@ -1,0 +1,84 @@
+"""LoRA through PEFT, for GPT-2 (lora/) and BERT (bert_lora/).
+
+Merge an existing checkpoint into a standalone model: python -m weibo_senti.lora CHECKPOINT_DIR OUTPUT_DIR
+
+The checkpoint is a plain PEFT adapter folder: PeftModel.from_pretrained(base_model, folder) loads it, and the
+classification head travels with it because the task type SEQ_CLS marks the head as a module to save.
+"""
+import sys
+from pathlib import Path
+
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from transformers import AutoModelForSequenceClassification
+
+from . import cli, training
+from .checkpoint import atomic_directory, load_checkpoint
+from .data import LABEL_NAMES
+
+
+def settings(cfg):
+    return {
+        "r": cfg.lora_r,
+        "lora_alpha": cfg.lora_alpha,
+        "lora_dropout": cfg.lora_dropout,
+        "target_modules": [name.strip() for name in cfg.target_modules.split(",") if name.strip()],
+    }
+
+
+def load_base_classifier(base_path, tokenizer):
+    return AutoModelForSequenceClassification.from_pretrained(
+        base_path,
+        num_labels=len(LABEL_NAMES),
+        id2label=dict(enumerate(LABEL_NAMES)),
+        label2id={name: i for i, name in enumerate(LABEL_NAMES)},
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build(base_path, tokenizer, settings, weights_from=None):
+    base = load_base_classifier(base_path, tokenizer)
+    if weights_from is not None:
+        return PeftModel.from_pretrained(base, weights_from, is_trainable=True)
+    config = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        fan_in_fan_out=base.config.model_type == "gpt2",  # GPT-2's c_attn / c_proj are Conv1D (weights stored transposed)
+        **settings,
+    )
+    return get_peft_model(base, config)
+
+
+def save(model, directory):
+    model.save_pretrained(directory)
+
+
+def describe(model):
+    """Which modules got LoRA, so that 'c_proj' hitting both attention and MLP projections is visible."""
+    wrapped = sorted({name.rsplit(".lora_A", 1)[0] for name, _ in model.named_parameters() if ".lora_A" in name})
+    kinds = sorted({name.split(".")[-1] + (" (MLP)" if ".mlp." in name else " (attention)" if ".attn" in name or ".attention" in name else "") for name in wrapped})
+    lora = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
+    head = sum(p.numel() for name, p in model.named_parameters() if p.requires_grad and "lora_" not in name)
+    return f"LoRA on {len(wrapped)} modules ({', '.join(kinds)}): {lora:,} LoRA parameters + {head:,} head parameters"
+
+
+def export_merged(checkpoint_dir, destination):
+    """Fold LoRA into the base weights (in fp32) and save a standalone model that needs no PEFT to load."""
+    model, tokenizer, info = load_checkpoint(checkpoint_dir)
+    merged = model.float().merge_and_unload()
+    with atomic_directory(destination) as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return destination
+
+
+def main(script_globals, method_name):
+    """train.py of lora/ and bert_lora/: train, then optionally write the merged model (--merge-to)."""
+    cfg = cli.parse_config(script_globals)
+    training.run(cfg, method_name)
+    if cfg.merge_to:
+        print(f"merged model written to {export_merged(cfg.output_dir / 'best', Path(cfg.merge_to))}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        raise SystemExit("usage: python -m weibo_senti.lora CHECKPOINT_DIR OUTPUT_DIR")
+    cli.main(lambda: print(f"merged model written to {export_merged(Path(sys.argv[1]), Path(sys.argv[2]))}"))

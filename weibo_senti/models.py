@@ -1,0 +1,88 @@
+"""Find a base model: a save_pretrained folder, its copy under models/, or a download from the Hugging Face hub."""
+import shutil
+import tempfile
+from pathlib import Path
+
+import transformers
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+from . import REPO_ROOT, UserError
+
+MODELS_DIR = REPO_ROOT / "models"
+
+
+class ModelNotFound(UserError):
+    """The base model is neither on disk nor downloadable; the message says what was tried and what to do."""
+
+
+def local_copy_of(hub_id):
+    """Where a downloaded hub model is kept: models/<name after the slash>."""
+    return MODELS_DIR / hub_id.rstrip("/").split("/")[-1]
+
+
+def _is_model_folder(path):
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def resolve_model(name_or_path):
+    """Return a local save_pretrained folder for `name_or_path`, downloading a hub id once into models/."""
+    given = Path(name_or_path).expanduser()
+    if _is_model_folder(given):
+        return given
+    tried = [f"the folder {given}: " + ("has no config.json" if given.is_dir() else "does not exist")]
+    if given.is_absolute() or str(name_or_path).startswith("."):
+        raise ModelNotFound(_not_found_message(name_or_path, tried))
+    local = local_copy_of(str(name_or_path))
+    if _is_model_folder(local):
+        return local
+    tried.append(f"the folder {local}: " + ("has no config.json" if local.is_dir() else "does not exist"))
+    try:
+        _download(str(name_or_path), local)
+    except Exception as error:  # offline, unknown id, gated repo: all end the same way for the user
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        tried.append(f"downloading '{name_or_path}' from the Hugging Face hub: {first_line}")
+        raise ModelNotFound(_not_found_message(name_or_path, tried, local)) from None
+    print(f"downloaded {name_or_path} into {local}")
+    return local
+
+
+def _download(hub_id, destination):
+    """Save config, tokenizer and weights with save_pretrained; the folder appears only once complete."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}-"))
+    try:
+        config = AutoConfig.from_pretrained(hub_id)
+        # the class the model was published as, so that a fine-tuned classifier keeps its head
+        model_class = getattr(transformers, (config.architectures or ["AutoModel"])[0], AutoModel)
+        model_class.from_pretrained(hub_id).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(hub_id).save_pretrained(tmp)
+        tmp.rename(destination)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _not_found_message(name, tried, local=None):
+    lines = [f"cannot find the model '{name}'. Tried:"] + [f"  - {t}" for t in tried]
+    lines.append("To provide it:")
+    if local is not None:
+        lines.append(
+            f"  - on a machine with internet, run: python -c \"from transformers import AutoModel, AutoTokenizer; "
+            f"AutoModel.from_pretrained('{name}').save_pretrained('{local.name}'); "
+            f"AutoTokenizer.from_pretrained('{name}').save_pretrained('{local.name}')\" "
+            f"and copy the folder {local.name} to {local}"
+        )
+    lines.append("  - or pass --model PATH, a folder written by save_pretrained (config.json, weights, tokenizer files)")
+    return "\n".join(lines)
+
+
+def load_tokenizer(model_path):
+    options = {}
+    if (Path(model_path) / "config.json").is_file() and AutoConfig.from_pretrained(model_path).model_type == "gpt2":
+        # GPT-2 adds token_type_ids through its word embeddings; the BERT-style Chinese tokenizer would send them
+        # (all zeros, i.e. the [PAD] embedding) wherever a pipeline passes everything the tokenizer returns.
+        options["model_input_names"] = ["input_ids", "attention_mask"]
+    tokenizer = AutoTokenizer.from_pretrained(model_path, **options)
+    if tokenizer.pad_token is None:
+        raise ModelNotFound(f"the tokenizer in {model_path} has no padding token; add one (e.g. [PAD]) to its tokenizer files")
+    return tokenizer

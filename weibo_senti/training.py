@@ -1,0 +1,196 @@
+"""The one training loop of all methods, on Hugging Face Accelerate (so `accelerate launch` and bf16 just work).
+
+Each epoch: train with dynamic padding, AdamW, linear warmup and clipping at 1.0; evaluate on the validation
+texts as they are and with the emoticon tags removed; keep the best-macro-F1 checkpoint in OUTPUT_DIR/best,
+the state to resume from in OUTPUT_DIR/last, and every epoch's metrics in OUTPUT_DIR/training_log.json.
+"""
+import json
+import platform
+import time
+
+import peft
+import torch
+import torch.nn.functional as F
+import transformers
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import set_seed
+from sklearn.metrics import accuracy_score, f1_score
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from . import UserError
+from .checkpoint import (
+    TRAINING_STATE_FILE,
+    find_checkpoint,
+    method_module,
+    read_info,
+    write_checkpoint,
+    write_json_atomic,
+)
+from .data import LABEL_NAMES, EncodedTexts, load_labelled_csv, make_collate, split_train_val, strip_emoticons
+from .models import load_tokenizer, resolve_model
+
+LOG_FILE = "training_log.json"
+# settings that must not change between a run and its --resume
+RUN_IDENTITY = ("data", "model", "seed", "val_fraction", "max_samples", "batch_size", "max_length", "lr", "warmup_ratio", "epochs")
+
+
+def count_parameters(model):
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+def describe_parameters(model):
+    total, trainable = count_parameters(model)
+    return f"parameters: {total:,} total, {trainable:,} trainable ({100 * trainable / total:.3f}%)"
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator):
+    model.eval()
+    loss_sum, predictions, labels = 0.0, [], []
+    for batch in loader:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits, batch_labels = accelerator.gather_for_metrics((logits, batch["labels"]))
+        loss_sum += F.cross_entropy(logits.float(), batch_labels, reduction="sum").item()
+        predictions.append(logits.argmax(-1).cpu())
+        labels.append(batch_labels.cpu())
+    predictions, labels = torch.cat(predictions).numpy(), torch.cat(labels).numpy()
+    return {
+        "loss": loss_sum / len(labels),
+        "accuracy": float(accuracy_score(labels, predictions)),
+        "macro_f1": float(f1_score(labels, predictions, average="macro")),
+    }
+
+
+def _run_identity(cfg):
+    return {key: str(getattr(cfg, key)) for key in RUN_IDENTITY}
+
+
+def _resume_state(cfg, last_dir, method_name, settings):
+    last_dir = find_checkpoint(last_dir)
+    if not (last_dir / TRAINING_STATE_FILE).is_file():
+        raise UserError(f"--resume: no run to resume in {last_dir} (it is written at the end of each epoch)")
+    info = read_info(last_dir)
+    recorded = {**info["run"], "method": info["method"], "method_settings": info["method_settings"]}
+    current = {**_run_identity(cfg), "method": method_name, "method_settings": settings}
+    changed = [f"{key}: {recorded.get(key)} -> {current[key]}" for key in current if recorded.get(key) != current[key]]
+    if changed:
+        raise UserError(f"--resume: these settings differ from the run in {last_dir}: " + "; ".join(changed))
+    return last_dir, torch.load(last_dir / TRAINING_STATE_FILE, weights_only=True)
+
+
+def run(cfg, method_name):
+    accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed))
+    say = accelerator.print
+    method = method_module(method_name)
+    settings = method.settings(cfg)
+    best_dir, last_dir, log_path = cfg.output_dir / "best", cfg.output_dir / "last", cfg.output_dir / LOG_FILE
+
+    table, report = load_labelled_csv(cfg.data)
+    say(report)
+    train_rows, val_rows = split_train_val(table, cfg.val_fraction, cfg.seed, cfg.max_samples)
+    say(f"train: {len(train_rows):,} rows, validation: {len(val_rows):,} rows (seed {cfg.seed})")
+
+    base_path = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(base_path)
+    resume_dir, state = _resume_state(cfg, last_dir, method_name, settings) if cfg.resume else (None, None)
+    set_seed(cfg.seed)
+    model = method.build(base_path, tokenizer, settings, weights_from=resume_dir)
+    say(f"base model: {cfg.model} ({base_path})")
+    say(f"device: {accelerator.device}, processes: {accelerator.num_processes}, mixed precision: {accelerator.mixed_precision}")
+    say(describe_parameters(model))
+    if hasattr(method, "describe"):
+        say(method.describe(model))
+
+    collate = make_collate(tokenizer.pad_token_id)
+    train_loader = DataLoader(
+        EncodedTexts(train_rows["review"], train_rows["label"], tokenizer, cfg.max_length),
+        batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
+    )
+    val_texts = {"val": val_rows["review"], "val_no_emoticons": val_rows["review"].map(strip_emoticons)}
+    val_loaders = {
+        name: DataLoader(EncodedTexts(texts, val_rows["label"], tokenizer, cfg.max_length), batch_size=cfg.batch_size * 2, collate_fn=collate)
+        for name, texts in val_texts.items()
+    }
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr)
+    model, optimizer, train_loader, *prepared_val = accelerator.prepare(model, optimizer, train_loader, *val_loaders.values())
+    val_loaders = dict(zip(val_loaders, prepared_val))
+    total_steps = len(train_loader) * cfg.epochs
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+
+    start_epoch, best_f1, log = 0, -1.0, []
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best_f1 = state["epoch"] + 1, state["best_f1"]
+        log = json.loads(log_path.read_text(encoding="utf-8"))[:start_epoch] if log_path.is_file() else []
+        say(f"resuming after epoch {start_epoch} of {cfg.epochs} (best validation macro-F1 so far {best_f1:.4f})")
+    if start_epoch >= cfg.epochs:
+        say(f"nothing to do: the run in {cfg.output_dir} already finished its {cfg.epochs} epochs")
+        return log
+
+    info = {
+        "method": method_name,
+        "method_settings": settings,
+        "base_model": str(cfg.model),
+        "base_model_path": str(base_path.resolve()),
+        "max_length": cfg.max_length,
+        "labels": list(LABEL_NAMES),
+        "run": _run_identity(cfg),
+        "data_rows": {"train": len(train_rows), "val": len(val_rows)},
+        "parameters": dict(zip(("total", "trainable"), count_parameters(accelerator.unwrap_model(model)))),
+        "versions": {
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__,
+        },
+    }
+    for epoch in range(start_epoch, cfg.epochs):
+        set_seed(cfg.seed + epoch)  # dropout and batch order depend on the epoch alone, so --resume repeats them
+        train_loader.set_epoch(epoch)
+        model.train()
+        started, loss_sum, steps = time.perf_counter(), 0.0, 0
+        progress = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not accelerator.is_local_main_process)
+        for batch in progress:
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            loss_sum, steps = loss_sum + loss.item(), steps + 1
+            progress.set_postfix(loss=f"{loss_sum / steps:.4f}")
+        train_seconds = time.perf_counter() - started
+
+        entry = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / steps,
+            "train_seconds": round(train_seconds, 1),
+            "train_samples_per_second": round(len(train_rows) / train_seconds, 1),
+        }
+        for name, loader in val_loaders.items():
+            entry.update({f"{name}_{key}": value for key, value in evaluate(model, loader, accelerator).items()})
+        log.append(entry)
+        improved = entry["val_macro_f1"] > best_f1
+        best_f1 = max(best_f1, entry["val_macro_f1"])
+        say(
+            f"epoch {epoch + 1}: train loss {entry['train_loss']:.4f} | validation acc {entry['val_accuracy']:.4f} "
+            f"macro-F1 {entry['val_macro_f1']:.4f} | without emoticons acc {entry['val_no_emoticons_accuracy']:.4f} "
+            f"macro-F1 {entry['val_no_emoticons_macro_f1']:.4f} | {train_seconds:.0f}s"
+            + (f" | new best, saved to {best_dir}" if improved else "")
+        )
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(model)
+            epoch_info = {**info, "epoch": epoch + 1, "metrics": entry}
+            if improved:
+                write_checkpoint(best_dir, unwrapped, tokenizer, epoch_info)
+            training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch, "best_f1": best_f1}
+            write_checkpoint(last_dir, unwrapped, tokenizer, epoch_info, training_state=training_state)
+            write_json_atomic(log_path, log)
+        accelerator.wait_for_everyone()
+    say(f"best validation macro-F1 {best_f1:.4f}; checkpoint: {best_dir}")
+    return log
