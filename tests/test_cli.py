@@ -10,7 +10,7 @@ from conftest import TRAIN_SCRIPTS, run_script, script_config
 from weibo_senti import REPO_ROOT
 
 COMMON_FLAGS = ["--model", "--data", "--output-dir", "--epochs", "--batch-size", "--lr", "--warmup-ratio", "--max-length",
-                "--val-fraction", "--seed", "--max-samples", "--resume"]
+                "--val-fraction", "--seed", "--max-samples", "--resume", "--emoticon-drop"]
 
 
 @pytest.mark.parametrize("method, extra", [

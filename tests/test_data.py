@@ -82,7 +82,8 @@ def test_split_is_stratified_seeded_and_subsets_on_request(weibo_csv):
     assert len(val) == 40 and val["label"].sum() == 20
     assert not set(train["review"]) & set(val["review"])
     small_train, small_val = split_train_val(table, 0.1, seed=42, max_samples=100)
-    assert len(small_train) + len(small_val) == 100 and small_val["label"].sum() == 5
+    assert (len(small_train), len(small_val)) == (90, 10) and small_val["label"].sum() == 5
+    assert set(small_train["review"]) <= set(train["review"]) and set(small_val["review"]) <= set(val["review"])
 
 
 def test_strip_emoticons_removes_tags_only():
@@ -96,3 +97,18 @@ def test_batches_are_padded_to_their_own_longest_text(tiny_models):
     assert batch["input_ids"].shape == (2, 9)  # 7 characters + [CLS] + [SEP], not 128
     assert batch["attention_mask"][0].tolist() == [1, 1, 1] + [0] * 6
     assert (batch["input_ids"][0, 3:] == tokenizer.pad_token_id).all()
+
+
+def test_emoticon_drop_shows_texts_without_tags_at_the_given_rate(tiny_models):
+    import random
+
+    tokenizer = load_tokenizer(tiny_models["bert"])
+    texts = ["好开心[哈哈]"] * 400
+    never = EncodedTexts(texts, [1] * 400, tokenizer, 128)
+    half = EncodedTexts(texts, [1] * 400, tokenizer, 128, emoticon_drop=0.5)
+    full_length, stripped_length = len(never[0]["input_ids"]), len(tokenizer("好开心")["input_ids"])
+    assert {len(never[i]["input_ids"]) for i in range(400)} == {full_length}
+    random.seed(0)
+    lengths = [len(half[i]["input_ids"]) for i in range(400)]
+    assert set(lengths) == {full_length, stripped_length}
+    assert 150 < lengths.count(stripped_length) < 250

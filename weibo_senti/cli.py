@@ -32,8 +32,10 @@ def _path_type(value):
     return Path(value)
 
 
-def parse_config(script_globals, argv=None):
-    """Return the script's constants, overridden by any --flags, as a namespace with lower_case names."""
+def parse_config(script_globals, argv=None, positional=None):
+    """Return the script's constants, overridden by any --flags, as a namespace with lower_case names.
+
+    positional: optional (name, help) of a list of positional arguments, e.g. the checkpoints compare.py takes."""
     constants = {
         name: value
         for name, value in script_globals.items()
@@ -55,6 +57,8 @@ def parse_config(script_globals, argv=None):
             kwargs["type"] = _path_type if isinstance(default, Path) else type(default)
             kwargs["metavar"] = name
         parser.add_argument(flag, dest=name.lower(), **kwargs)
+    if positional:
+        parser.add_argument(positional[0], nargs="*", type=Path, help=positional[1])
     return SimpleNamespace(**vars(parser.parse_args(argv)))
 
 

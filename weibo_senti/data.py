@@ -1,5 +1,6 @@
 """Read and check the labelled CSV (label,review), split it, and turn it into padded batches."""
 import io
+import random
 import re
 from dataclasses import dataclass, field
 
@@ -126,28 +127,47 @@ def load_labelled_csv(path):
 
 
 def split_train_val(table, val_fraction, seed, max_samples=0):
-    """Stratified, seeded split; max_samples > 0 first takes a stratified subset of that many rows."""
+    """Stratified, seeded split. max_samples > 0 then keeps a stratified subset of that many rows in all, taken from
+    each part, so a quick run never trains on a text that the full run holds out for validation."""
     try:
-        if 0 < max_samples < len(table):
-            table, _ = train_test_split(table, train_size=max_samples, stratify=table["label"], random_state=seed)
         train, val = train_test_split(table, test_size=val_fraction, stratify=table["label"], random_state=seed)
+        if 0 < max_samples < len(table):
+            val_size = max(2, round(max_samples * val_fraction))
+            train = _stratified_subset(train, max_samples - val_size, seed)
+            val = _stratified_subset(val, val_size, seed)
     except ValueError as error:
-        raise DataError(f"cannot split {len(table):,} rows with validation fraction {val_fraction}: {error}") from None
+        raise DataError(f"cannot split {len(table):,} rows with validation fraction {val_fraction} (max samples {max_samples}): {error}") from None
     return train.reset_index(drop=True), val.reset_index(drop=True)
 
 
-class EncodedTexts(torch.utils.data.Dataset):
-    """Texts tokenized once, unpadded; `collate` pads each batch to its own longest text."""
+def _stratified_subset(table, size, seed):
+    if size >= len(table):
+        return table
+    subset, _ = train_test_split(table, train_size=size, stratify=table["label"], random_state=seed)
+    return subset
 
-    def __init__(self, texts, labels, tokenizer, max_length):
-        self.input_ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+
+class EncodedTexts(torch.utils.data.Dataset):
+    """Texts tokenized once, unpadded; `collate` pads each batch to its own longest text.
+
+    emoticon_drop > 0: each time a text is drawn, with that probability it comes without its emoticon tags, so the
+    model cannot lean on the tags alone (the labels of weibo_senti_100k were derived from them)."""
+
+    def __init__(self, texts, labels, tokenizer, max_length, emoticon_drop=0.0):
+        texts = list(texts)
+        self.input_ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
         self.labels = list(labels) if labels is not None else None
+        self.emoticon_drop = emoticon_drop
+        if emoticon_drop > 0:
+            stripped = [strip_emoticons(text) for text in texts]
+            self.stripped_ids = tokenizer(stripped, truncation=True, max_length=max_length)["input_ids"]
 
     def __len__(self):
         return len(self.input_ids)
 
     def __getitem__(self, index):
-        item = {"input_ids": self.input_ids[index]}
+        drop = self.emoticon_drop > 0 and random.random() < self.emoticon_drop
+        item = {"input_ids": (self.stripped_ids if drop else self.input_ids)[index]}
         if self.labels is not None:
             item["labels"] = self.labels[index]
         return item

@@ -33,7 +33,9 @@ from .models import load_tokenizer, resolve_model
 
 LOG_FILE = "training_log.json"
 # settings that must not change between a run and its --resume
-RUN_IDENTITY = ("data", "model", "seed", "val_fraction", "max_samples", "batch_size", "max_length", "lr", "warmup_ratio", "epochs")
+RUN_IDENTITY = (
+    "data", "model", "seed", "val_fraction", "max_samples", "batch_size", "max_length", "lr", "warmup_ratio", "epochs", "emoticon_drop",
+)
 
 
 def count_parameters(model):
@@ -107,7 +109,7 @@ def run(cfg, method_name):
 
     collate = make_collate(tokenizer.pad_token_id)
     train_loader = DataLoader(
-        EncodedTexts(train_rows["review"], train_rows["label"], tokenizer, cfg.max_length),
+        EncodedTexts(train_rows["review"], train_rows["label"], tokenizer, cfg.max_length, cfg.emoticon_drop),
         batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
     )
     val_texts = {"val": val_rows["review"], "val_no_emoticons": val_rows["review"].map(strip_emoticons)}

@@ -1,0 +1,216 @@
+"""Compare trained checkpoints on one seeded validation split: accuracy and macro-F1 (plain and without emoticons),
+trainable parameters, checkpoint size, training time, inference speed and peak memory.
+
+python compare.py                                 # every adapter_tuning|lora|bert_lora/output/best
+python compare.py lora/output/best other/best --extra more.csv,other.csv
+Writes results/comparison.md and results/comparison.png.
+"""
+import json
+import multiprocessing
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from weibo_senti import REPO_ROOT, UserError, cli  # noqa: E402
+
+DATA = Path(os.environ.get("WEIBO_SENTI_DATA", "dataset/weibo_senti_100k.csv"))  # the labelled CSV the checkpoints were trained on
+VAL_FRACTION = 0.1  # must match the training runs, so that no validation text was trained on
+SEED = 42  # must match the training runs
+MAX_SAMPLES = 0  # evaluate on the validation part of a subset of this many rows (0 = all), for quick looks
+EXTRA = ""  # comma-separated extra label,review CSV files, each reported on its own
+BATCH_SIZE = 64  # texts per batch for the batched measurements
+SINGLE_TEXTS = 50  # texts predicted one at a time for the ms-per-text figure
+RESULTS_DIR = Path("results")  # where comparison.md and comparison.png go
+
+METHOD_ORDER = ("adapter_tuning", "lora", "bert_lora")
+
+
+def _scores(labels, probabilities):
+    from sklearn.metrics import accuracy_score, f1_score
+
+    predictions = probabilities.argmax(axis=1)
+    return {"accuracy": float(accuracy_score(labels, predictions)), "macro_f1": float(f1_score(labels, predictions, average="macro"))}
+
+
+def measure(checkpoint, text_sets, batch_size, single_texts):
+    """Runs in a child process, so that its peak memory is this model's alone."""
+    import torch
+
+    from weibo_senti.predict import Classifier
+
+    classifier = Classifier.load(checkpoint)
+    first = next(iter(text_sets.values()))
+    classifier.probabilities(first["texts"][:batch_size], batch_size)  # warm-up
+    result = {"scores": {}}
+    for name, data in text_sets.items():
+        started = time.perf_counter()
+        probabilities = classifier.probabilities(data["texts"], batch_size)
+        seconds = time.perf_counter() - started
+        result["scores"][name] = _scores(data["labels"], probabilities)
+        if name == "val":
+            result["batched_texts_per_second"] = len(data["texts"]) / seconds
+    singles = []
+    for text in first["texts"][:single_texts]:
+        started = time.perf_counter()
+        classifier.probabilities([text])
+        singles.append(time.perf_counter() - started)
+    result["ms_per_single_text"] = 1000 * statistics.median(singles)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if torch.cuda.is_available():
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
+
+
+def _measure_in_child(args):
+    return measure(*args)
+
+
+def find_checkpoints(given):
+    if given:
+        return given
+    found = [REPO_ROOT / method / "output" / "best" for method in METHOD_ORDER if (REPO_ROOT / method / "output" / "best").is_dir()]
+    if not found:
+        raise UserError("no trained checkpoints found in */output/best: train one first, or name checkpoint folders as arguments")
+    return found
+
+
+def checkpoint_facts(checkpoint, cfg):
+    from weibo_senti.checkpoint import find_checkpoint, read_info
+
+    checkpoint = find_checkpoint(checkpoint)
+    info = read_info(checkpoint)
+    weights = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
+    log_path = checkpoint.parent / "training_log.json"
+    log = json.loads(log_path.read_text(encoding="utf-8")) if log_path.is_file() else []
+    run = info.get("run", {})
+    warning = None
+    if (run.get("seed"), run.get("val_fraction")) != (str(cfg.seed), str(cfg.val_fraction)):
+        warning = f"{checkpoint} was trained with seed {run.get('seed')} and validation fraction {run.get('val_fraction')}: it may have trained on some of these validation texts"
+    return {
+        "checkpoint": str(checkpoint),
+        "method": info["method"],
+        "base_model": info["base_model"],
+        "trainable": info["parameters"]["trainable"],
+        "trainable_percent": 100 * info["parameters"]["trainable"] / info["parameters"]["total"],
+        "weights_bytes": weights,
+        "seconds_per_epoch": statistics.mean(e["train_seconds"] for e in log) if log else None,
+        "epochs": len(log),
+        "warning": warning,
+    }
+
+
+def load_text_sets(cfg):
+    from weibo_senti.data import load_labelled_csv, split_train_val, strip_emoticons
+
+    table, report = load_labelled_csv(cfg.data)
+    print(report)
+    _, val = split_train_val(table, cfg.val_fraction, cfg.seed, cfg.max_samples)
+    sets = {
+        "val": {"texts": val["review"].tolist(), "labels": val["label"].to_numpy()},
+        "val_no_emoticons": {"texts": val["review"].map(strip_emoticons).tolist(), "labels": val["label"].to_numpy()},
+    }
+    for extra in filter(None, (e.strip() for e in cfg.extra.split(","))):
+        extra_table, extra_report = load_labelled_csv(Path(extra))
+        print(extra_report)
+        sets[Path(extra).name] = {"texts": extra_table["review"].tolist(), "labels": extra_table["label"].to_numpy()}
+    return sets
+
+
+def _fmt(value, pattern):
+    return "n/a" if value is None else format(value, pattern)
+
+
+def write_markdown(rows, text_sets, cfg, command, path):
+    extras = [name for name in text_sets if name not in ("val", "val_no_emoticons")]
+    lines = [
+        "# Comparison of the trained checkpoints",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Validation: {len(text_sets['val']['texts']):,} rows of `{cfg.data.name}` (seed {cfg.seed}, fraction {cfg.val_fraction}), "
+        "the same split as `train.py`. *No emoticons*: the same texts with every `[...]` tag removed; the labels of "
+        "weibo_senti_100k were derived from those tags, so this column shows what a model learned beyond them.",
+        "",
+        "| method | base model | trainable params | checkpoint | acc | macro-F1 | acc, no emoticons | macro-F1, no emoticons | "
+        + "".join(f"acc {name} | " for name in extras)
+        + "train s/epoch | batched texts/s | ms per single text | peak RSS MB |",
+        "|" + "---|" * (12 + len(extras)),
+    ]
+    for row in rows:
+        scores = row["scores"]
+        lines.append(
+            f"| {row['method']} | {row['base_model']} | {row['trainable']:,} ({row['trainable_percent']:.2f}%) | "
+            f"{row['weights_bytes'] / 2**20:.2f} MB | {scores['val']['accuracy']:.4f} | {scores['val']['macro_f1']:.4f} | "
+            f"{scores['val_no_emoticons']['accuracy']:.4f} | {scores['val_no_emoticons']['macro_f1']:.4f} | "
+            + "".join(f"{scores[name]['accuracy']:.4f} | " for name in extras)
+            + f"{_fmt(row['seconds_per_epoch'], '.0f')} | {row['batched_texts_per_second']:.0f} | "
+            f"{row['ms_per_single_text']:.1f} | {row['peak_rss_mb']:.0f} |"
+        )
+    warnings = [row["warning"] for row in rows if row["warning"]]
+    lines += [""] + [f"- warning: {w}" for w in warnings]
+    lines += [
+        "",
+        "Checkpoint: the trained weights only (`*.safetensors`). Train s/epoch: mean over the epochs in `training_log.json`. "
+        f"Batched: the whole validation set in length-sorted batches of {cfg.batch_size}. Single: median of {cfg.single_texts} "
+        "one-text calls. Peak RSS: the measuring process, Python and libraries included.",
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def write_chart(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [row["method"] for row in rows]
+    figure, axes = plt.subplots(1, 3, figsize=(14, 4))
+    width = 0.2
+    for offset, (key, label) in enumerate([("val", "plain"), ("val_no_emoticons", "no emoticons")]):
+        for shift, metric in enumerate(("accuracy", "macro_f1")):
+            position = [i + (2 * offset + shift - 1.5) * width for i in range(len(rows))]
+            axes[0].bar(position, [row["scores"][key][metric] for row in rows], width, label=f"{metric} ({label})")
+    axes[0].set_title("validation scores")
+    axes[0].set_ylim(0.4, 1.0)
+    axes[0].legend(fontsize=7)
+    axes[1].bar(names, [row["weights_bytes"] / 2**20 for row in rows])
+    axes[1].set_title("checkpoint size (MB)")
+    axes[2].bar(names, [row["batched_texts_per_second"] for row in rows])
+    axes[2].set_title("batched prediction (texts/s)")
+    axes[0].set_xticks(range(len(rows)), names)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def main(argv=None):
+    from tqdm.auto import tqdm
+
+    cfg = cli.parse_config(globals(), argv, positional=("checkpoints", "checkpoint folders (default: every */output/best)"))
+    checkpoints = find_checkpoints(cfg.checkpoints)
+    text_sets = load_text_sets(cfg)
+    rows = []
+    context = multiprocessing.get_context("spawn")
+    for checkpoint in tqdm(checkpoints, desc="evaluating checkpoints"):
+        row = checkpoint_facts(checkpoint, cfg)
+        with context.Pool(1) as pool:
+            row.update(pool.apply(_measure_in_child, ((checkpoint, text_sets, cfg.batch_size, cfg.single_texts),)))
+        rows.append(row)
+        if row["warning"]:
+            print(f"warning: {row['warning']}", file=sys.stderr)
+    results_dir = cfg.results_dir
+    results_dir.mkdir(parents=True, exist_ok=True)
+    command = "python compare.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    write_markdown(rows, text_sets, cfg, command.strip(), results_dir / "comparison.md")
+    write_chart(rows, results_dir / "comparison.png")
+    (results_dir / "comparison.json").write_text(json.dumps(rows, ensure_ascii=False, indent=2), encoding="utf-8")
+    print((results_dir / "comparison.md").read_text(encoding="utf-8"))
+    return rows
+
+
+if __name__ == "__main__":
+    cli.main(main)

@@ -1,0 +1,23 @@
+import json
+
+import compare
+import tiny
+
+
+def test_compare_reports_every_checkpoint_on_the_same_split(trained, weibo_csv, tmp_path):
+    checkpoints = [trained(method)[0] / "best" for method in ("adapter_tuning", "lora", "bert_lora")]
+    extra = tiny.write_csv(tmp_path / "extra.csv", tiny.synthetic_rows(20, seed=9))
+    argv = [*map(str, checkpoints), "--data", str(weibo_csv), "--extra", str(extra), "--results-dir", str(tmp_path / "results"),
+            "--single-texts", "5"]
+    rows = compare.main(argv)
+    assert [row["method"] for row in rows] == ["adapter_tuning", "lora", "bert_lora"]
+    markdown = (tmp_path / "results" / "comparison.md").read_text(encoding="utf-8")
+    assert "| adapter_tuning |" in markdown and "| bert_lora |" in markdown and "acc extra.csv" in markdown
+    assert (tmp_path / "results" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    for row, checkpoint in zip(rows, checkpoints):
+        # the scores are those the training run logged for the same validation split
+        logged = json.loads((checkpoint / "checkpoint.json").read_text())["metrics"]
+        assert abs(row["scores"]["val"]["accuracy"] - logged["val_accuracy"]) < 1e-9
+        assert abs(row["scores"]["val_no_emoticons"]["macro_f1"] - logged["val_no_emoticons_macro_f1"]) < 1e-9
+        assert row["weights_bytes"] > 0 and row["peak_rss_mb"] > 0 and row["ms_per_single_text"] > 0
+        assert row["warning"] is None
