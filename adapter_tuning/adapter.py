@@ -56,6 +56,7 @@ def build(base_path, tokenizer, settings, weights_from=None):
         id2label=dict(enumerate(LABEL_NAMES)),
         label2id={name: i for i, name in enumerate(LABEL_NAMES)},
         pad_token_id=tokenizer.pad_token_id,
+        dtype=torch.float32,  # transformers 5 would keep a half-precision checkpoint in half precision
     )
     if model.config.model_type != "gpt2":
         raise UserError(f"adapter tuning wraps GPT-2 blocks; {base_path} is a {model.config.model_type} model")

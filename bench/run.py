@@ -176,6 +176,10 @@ def inference_overheads(model_path, texts, repeats):
     return rates
 
 
+def in_process(function, *args):
+    return function(*args)
+
+
 def in_child(function, *args):
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(function, args)
@@ -217,22 +221,23 @@ def main():
     predict_texts = val_texts[: args.predict_texts]
 
     results = {"model": str(args.model), "data": str(args.data), "batch_size": args.batch_size}
+    run = in_process if args.smoke else in_child
     for variant in ("ours", "reference"):
         print(f"training throughput: {variant} ...", flush=True)
-        results[f"train_{variant}"] = in_child(
+        results[f"train_{variant}"] = run(
             train_throughput, variant, args.model, train_texts[:timed_rows], train_labels[:timed_rows], args.batch_size, args.train_steps, args.repeats
         )
         print(f"equal training, then validation macro-F1: {variant} ...", flush=True)
-        results[f"score_{variant}"] = in_child(
+        results[f"score_{variant}"] = run(
             train_and_score, variant, args.model, train_texts[: args.score_rows], train_labels[: args.score_rows],
             val_texts[:1000], val_labels[:1000], args.batch_size, 1e-3,
         )
     for variant in ("ours_batched", "ours_single", "reference_single"):
         print(f"prediction: {variant} ...", flush=True)
-        results[f"predict_{variant}"] = in_child(predict_throughput, variant, args.model, predict_texts, args.repeats)
-    results["checkpoint_bytes"] = in_child(checkpoint_bytes, args.model)
+        results[f"predict_{variant}"] = run(predict_throughput, variant, args.model, predict_texts, args.repeats)
+    results["checkpoint_bytes"] = run(checkpoint_bytes, args.model)
     print("inference overheads: base, adapter, LoRA unmerged, LoRA merged ...", flush=True)
-    results["inference_texts_per_second"] = in_child(inference_overheads, args.model, predict_texts, args.repeats)
+    results["inference_texts_per_second"] = run(inference_overheads, args.model, predict_texts, args.repeats)
 
     report = ratios(results)
     print(report)

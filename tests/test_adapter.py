@@ -50,3 +50,15 @@ def test_block_wrapper_accepts_tuple_outputs_of_older_transformers():
     hidden, present = wrapped(torch.ones(1, 2, 4))
     assert present == "present"
     torch.testing.assert_close(hidden, wrapped.adapter(torch.full((1, 2, 4), 2.0)))
+
+
+def test_a_half_precision_base_is_trained_in_float32(tiny_models, tmp_path):
+    from weibo_senti import lora
+
+    half = tmp_path / "half"
+    AutoModelForSequenceClassification.from_pretrained(tiny_models["gpt2"], num_labels=2).half().save_pretrained(half)
+    load_tokenizer(tiny_models["gpt2"]).save_pretrained(half)
+    tokenizer = load_tokenizer(half)
+    lora_settings = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["c_attn"]}
+    for model in (adapter.build(half, tokenizer, SETTINGS), lora.build(half, tokenizer, lora_settings)):
+        assert {p.dtype for p in model.parameters()} == {torch.float32}

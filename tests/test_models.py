@@ -24,7 +24,7 @@ def test_offline_without_a_copy_says_what_was_tried_and_how_to_provide_it(tmp_pa
     assert "the folder uer/gpt2-chinese-cluecorpussmall: does not exist" in message
     assert f"the folder {tmp_path / 'gpt2-chinese-cluecorpussmall'}: does not exist" in message
     assert "downloading 'uer/gpt2-chinese-cluecorpussmall' from the Hugging Face hub" in message
-    assert "--model PATH" in message and "save_pretrained" in message
+    assert "--model PATH for train.py" in message and "save_pretrained" in message
     assert not list(tmp_path.iterdir())  # no half-downloaded folder
 
 

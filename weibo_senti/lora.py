@@ -8,6 +8,7 @@ classification head travels with it because the task type SEQ_CLS marks the head
 import sys
 from pathlib import Path
 
+import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoModelForSequenceClassification
 
@@ -32,6 +33,7 @@ def load_base_classifier(base_path, tokenizer):
         id2label=dict(enumerate(LABEL_NAMES)),
         label2id={name: i for i, name in enumerate(LABEL_NAMES)},
         pad_token_id=tokenizer.pad_token_id,
+        dtype=torch.float32,  # transformers 5 would keep a half-precision checkpoint in half precision
     )
 
 

@@ -72,7 +72,10 @@ def _not_found_message(name, tried, local=None):
             f"AutoTokenizer.from_pretrained('{name}').save_pretrained('{local.name}')\" "
             f"and copy the folder {local.name} to {local}"
         )
-    lines.append("  - or pass --model PATH, a folder written by save_pretrained (config.json, weights, tokenizer files)")
+    lines.append(
+        "  - or give a folder written by save_pretrained (config.json, weights, tokenizer files) instead: "
+        "--model PATH for train.py, --checkpoint PATH for predict.py"
+    )
     return "\n".join(lines)
 
 

@@ -63,7 +63,7 @@ class Classifier:
                 f"{folder} is a base model ({', '.join(architectures) or 'no architecture recorded'}), not a trained classifier: "
                 "fine-tune it with train.py, or pass a checkpoint folder with --checkpoint"
             )
-        model = AutoModelForSequenceClassification.from_pretrained(folder)
+        model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32)
         return cls(model, load_tokenizer(folder), DEFAULT_MAX_LENGTH, f"{location} (plain classifier)", **options)
 
     def probabilities(self, texts, batch_size=64):

@@ -99,6 +99,8 @@ def run(cfg, method_name):
     base_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(base_path)
     resume_dir, state = _resume_state(cfg, last_dir, method_name, settings) if cfg.resume else (None, None)
+    if not cfg.resume and find_checkpoint(last_dir).is_dir():
+        say(f"note: {cfg.output_dir} holds an earlier run; this new run replaces it (--resume continues it instead)")
     set_seed(cfg.seed)
     model = method.build(base_path, tokenizer, settings, weights_from=resume_dir)
     say(f"base model: {cfg.model} ({base_path})")
