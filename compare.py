@@ -176,7 +176,7 @@ def write_chart(rows, path):
             axes[0].bar(position, [row["scores"][key][metric] for row in rows], width, label=f"{metric} ({label})")
     axes[0].set_title("validation scores")
     axes[0].set_ylim(0.4, 1.0)
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7, loc="lower left")
     axes[1].bar(names, [row["weights_bytes"] / 2**20 for row in rows])
     axes[1].set_title("checkpoint size (MB)")
     axes[2].bar(names, [row["batched_texts_per_second"] for row in rows])

@@ -2,10 +2,10 @@
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForSequenceClassification
 
 from weibo_senti import UserError
 from weibo_senti.data import LABEL_NAMES
+from weibo_senti.models import load_base_classifier
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 
@@ -50,14 +50,7 @@ def _trainable_names(model):
 
 
 def build(base_path, tokenizer, settings, weights_from=None):
-    model = AutoModelForSequenceClassification.from_pretrained(
-        base_path,
-        num_labels=len(LABEL_NAMES),
-        id2label=dict(enumerate(LABEL_NAMES)),
-        label2id={name: i for i, name in enumerate(LABEL_NAMES)},
-        pad_token_id=tokenizer.pad_token_id,
-        dtype=torch.float32,  # transformers 5 would keep a half-precision checkpoint in half precision
-    )
+    model, not_in_base = load_base_classifier(base_path, tokenizer, LABEL_NAMES)
     if model.config.model_type != "gpt2":
         raise UserError(f"adapter tuning wraps GPT-2 blocks; {base_path} is a {model.config.model_type} model")
     for parameter in model.parameters():
@@ -66,8 +59,9 @@ def build(base_path, tokenizer, settings, weights_from=None):
     blocks = model.transformer.h
     for index in range(len(blocks)):
         blocks[index] = GPT2BlockWithAdapter(blocks[index], hidden_size, settings["adapter_size"])
-    for parameter in model.score.parameters():
-        parameter.requires_grad = True
+    for name in ["score", *not_in_base]:
+        for parameter in model.get_submodule(name).parameters():
+            parameter.requires_grad = True
     if weights_from is not None:
         weights = load_file(weights_from / WEIGHTS_FILE)
         expected = _trainable_names(model)

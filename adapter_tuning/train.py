@@ -18,6 +18,7 @@ BATCH_SIZE = 16  # texts per step (per process)
 LR = 5e-5  # AdamW peak learning rate
 WARMUP_RATIO = 0.1  # share of steps with linear warm-up, then linear decay
 MAX_LENGTH = 128  # tokens per text, longer texts are cut
+GROUP_BY_LENGTH = False  # batch texts of similar length together: less padding, faster steps
 EMOTICON_DROP = 0.0  # probability that a training text is shown without its [...] emoticon tags (0 = off)
 ADAPTER_SIZE = 64  # bottleneck width of each adapter
 VAL_FRACTION = 0.1  # share of rows held out for validation (stratified)

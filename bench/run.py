@@ -41,11 +41,15 @@ def _loader(variant, tokenizer, texts, labels, batch_size):
     import torch
 
     from bench.reference import PaddedDataset
-    from weibo_senti.data import EncodedTexts, make_collate
+    from weibo_senti.data import EncodedTexts, LengthGroupedBatches, make_collate
 
     generator = torch.Generator().manual_seed(0)
     if variant == "reference":
         return torch.utils.data.DataLoader(PaddedDataset(texts, labels, tokenizer), batch_size=batch_size, shuffle=True, generator=generator)
+    if variant == "ours_grouped":
+        dataset = EncodedTexts(texts, labels, tokenizer, 128)
+        batches = LengthGroupedBatches([len(ids) for ids in dataset.input_ids], batch_size)
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=make_collate(tokenizer.pad_token_id))
     return torch.utils.data.DataLoader(
         EncodedTexts(texts, labels, tokenizer, 128), batch_size=batch_size, shuffle=True, generator=generator,
         collate_fn=make_collate(tokenizer.pad_token_id),
@@ -148,6 +152,8 @@ def inference_overheads(model_path, texts, repeats):
 
     from adapter_tuning import adapter
     from weibo_senti import lora
+    from weibo_senti.data import LABEL_NAMES
+    from weibo_senti.models import load_base_classifier
     from weibo_senti.predict import Classifier
 
     model_path, tokenizer = _setup(model_path)
@@ -156,7 +162,7 @@ def inference_overheads(model_path, texts, repeats):
         if "lora_B" in name:
             torch.nn.init.normal_(parameter, std=0.02)
     models = {
-        "base": lora.load_base_classifier(model_path, tokenizer),
+        "base": load_base_classifier(model_path, tokenizer, LABEL_NAMES)[0],
         "adapter": adapter.build(model_path, tokenizer, ADAPTER_SETTINGS),
         "lora_unmerged": lora_model,
     }
@@ -217,12 +223,12 @@ def main():
     train, val = split_train_val(table, 0.1, seed=42)
     train_texts, train_labels = train["review"].tolist(), train["label"].tolist()
     val_texts, val_labels = val["review"].tolist(), val["label"].tolist()
-    timed_rows = args.batch_size * (args.train_steps + 2)
+    timed_rows = max(args.batch_size * (args.train_steps + 2), args.batch_size * 200)  # >= 4 windows of length grouping
     predict_texts = val_texts[: args.predict_texts]
 
     results = {"model": str(args.model), "data": str(args.data), "batch_size": args.batch_size}
     run = in_process if args.smoke else in_child
-    for variant in ("ours", "reference"):
+    for variant in ("ours", "ours_grouped", "reference"):
         print(f"training throughput: {variant} ...", flush=True)
         results[f"train_{variant}"] = run(
             train_throughput, variant, args.model, train_texts[:timed_rows], train_labels[:timed_rows], args.batch_size, args.train_steps, args.repeats
@@ -252,7 +258,9 @@ def ratios(r):
     speed = r["inference_texts_per_second"]
     rows = [
         ("training samples/s", r["train_ours"]["samples_per_second"], r["train_reference"]["samples_per_second"], ">= 2x"),
+        ("training samples/s, length-grouped batches (--group-by-length)", r["train_ours_grouped"]["samples_per_second"], r["train_reference"]["samples_per_second"], ">= 2x"),
         ("val macro-F1 after equal training", r["score_ours"]["macro_f1"], r["score_reference"]["macro_f1"], ">= reference"),
+        ("val macro-F1 after equal training, length-grouped", r["score_ours_grouped"]["macro_f1"], r["score_reference"]["macro_f1"], ">= reference"),
         ("prediction texts/s: ours batched vs reference one-by-one", r["predict_ours_batched"]["texts_per_second"], r["predict_reference_single"]["texts_per_second"], ">= 10x"),
         ("prediction texts/s: ours one-by-one vs reference one-by-one", r["predict_ours_single"]["texts_per_second"], r["predict_reference_single"]["texts_per_second"], ""),
         ("checkpoint bytes", r["checkpoint_bytes"]["ours"], r["checkpoint_bytes"]["reference"], "<= 1/50"),

@@ -18,6 +18,7 @@ BATCH_SIZE = 16  # texts per step (per process)
 LR = 5e-4  # AdamW peak learning rate
 WARMUP_RATIO = 0.1  # share of steps with linear warm-up, then linear decay
 MAX_LENGTH = 128  # tokens per text, longer texts are cut
+GROUP_BY_LENGTH = False  # batch texts of similar length together: less padding, faster steps
 EMOTICON_DROP = 0.0  # probability that a training text is shown without its [...] emoticon tags (0 = off)
 LORA_R = 8  # rank of the LoRA update
 LORA_ALPHA = 32  # LoRA scaling: the update is multiplied by alpha / r

@@ -112,3 +112,20 @@ def test_emoticon_drop_shows_texts_without_tags_at_the_given_rate(tiny_models):
     lengths = [len(half[i]["input_ids"]) for i in range(400)]
     assert set(lengths) == {full_length, stripped_length}
     assert 150 < lengths.count(stripped_length) < 250
+
+
+def test_length_grouped_batches_cover_every_text_once_and_group_similar_lengths():
+    import torch
+
+    from weibo_senti.data import LengthGroupedBatches
+
+    lengths = [(i * 37) % 128 + 1 for i in range(1000)]
+    sampler = LengthGroupedBatches(lengths, batch_size=10, window=5)
+    torch.manual_seed(1)
+    batches = list(sampler)
+    torch.manual_seed(1)
+    assert list(sampler) == batches  # the epoch seed alone decides the batches
+    assert len(batches) == len(sampler) == 100
+    assert sorted(i for batch in batches for i in batch) == list(range(1000))
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+    assert spread < 30  # random batches of 10 would spread about 100

@@ -47,3 +47,28 @@ def test_a_hub_id_is_downloaded_once_and_saved_under_models(tiny_models, tmp_pat
     assert local == tmp_path / "models" / "tiny-gpt2"
     assert {"config.json", "model.safetensors", "tokenizer_config.json"} <= {p.name for p in local.iterdir()}
     assert models.load_tokenizer(local).pad_token == "[PAD]"
+
+
+def test_an_unreachable_hub_model_falls_back_to_the_embedded_mini_model(tiny_models, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(models, "MODELS_DIR", tmp_path)
+    mini = shutil.copytree(tiny_models["gpt2"], tmp_path / "gpt2-chinese-mini")
+    assert resolve_model("uer/gpt2-chinese-cluecorpussmall", fallback=mini) == mini
+    assert "Using the embedded mini model" in capsys.readouterr().err
+    with pytest.raises(ModelNotFound):  # a mistyped local path is an error, not a reason to fall back
+        resolve_model(str(tmp_path / "typo"), fallback=mini)
+
+
+def test_training_records_the_mini_model_it_fell_back_to(tiny_models, weibo_csv, tmp_path, monkeypatch):
+    import json
+
+    from conftest import train
+    from weibo_senti import training
+
+    mini = shutil.copytree(tiny_models["gpt2"], tmp_path / "models" / "gpt2-chinese-mini")
+    monkeypatch.setattr(training, "MINI_MODELS", {"gpt2": mini, "bert": tmp_path / "none"})
+    monkeypatch.setattr(training, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(models, "MODELS_DIR", tmp_path / "models")
+    train("adapter_tuning", "uer/gpt2-chinese-cluecorpussmall", weibo_csv, tmp_path / "out", "--epochs", "1")
+    info = json.loads((tmp_path / "out" / "best" / "checkpoint.json").read_text())
+    assert info["base_model"] == "models/gpt2-chinese-mini"
+    assert info["requested_base_model"] == "uer/gpt2-chinese-cluecorpussmall"

@@ -84,3 +84,10 @@ def test_saved_model_predicts_like_the_in_memory_model(trained, weibo_csv):
         expected = torch.softmax(model(**batch).logits, -1).numpy()
     got = Classifier.load(output_dir / "best").probabilities(val["review"].tolist(), batch_size=7)
     assert got == pytest.approx(expected, abs=1e-5)
+
+
+def test_length_grouped_training_lowers_the_loss_and_is_recorded(tiny_models, weibo_csv, tmp_path):
+    log = train("lora", tiny_models["gpt2"], weibo_csv, tmp_path / "grouped", "--epochs", "2", "--group-by-length")
+    assert log[-1]["train_loss"] < log[0]["train_loss"]
+    info = json.loads((tmp_path / "grouped" / "best" / "checkpoint.json").read_text())
+    assert info["run"]["group_by_length"] == "True"

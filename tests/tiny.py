@@ -2,7 +2,7 @@
 import csv
 import random
 
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import BertConfig, BertForMaskedLM, BertTokenizer, GPT2Config, GPT2LMHeadModel
 
 POSITIVE = "好开心喜欢赞棒美爱笑甜幸福"
 NEGATIVE = "坏难过讨厌差烦累哭怒惨痛苦"
@@ -36,14 +36,13 @@ def make_gpt2(folder, layers=2, hidden=64):
 
 
 def make_bert(folder, layers=2, hidden=64):
+    """Saved as BertForMaskedLM, like bert-base-chinese: no pooler weights, which the classifier must then train and save."""
     tokenizer = make_tokenizer(folder)
     config = BertConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-        intermediate_size=hidden * 2, max_position_embeddings=128, id2label={0: "negative", 1: "positive"},
-        label2id={"negative": 0, "positive": 1},
+        intermediate_size=hidden * 2, max_position_embeddings=128,
     )
-    model = BertForSequenceClassification(config)
-    model.save_pretrained(folder)
+    BertForMaskedLM(config).save_pretrained(folder)
     return folder
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import UserError
+from . import REPO_ROOT, UserError
 from .models import load_tokenizer, resolve_model
 
 _UMASK = os.umask(0)
@@ -26,6 +26,7 @@ METHOD_MODULES = {
     "lora": "weibo_senti.lora",
     "bert_lora": "weibo_senti.lora",
 }
+BASE_FAMILY = {"adapter_tuning": "gpt2", "lora": "gpt2", "bert_lora": "bert"}
 
 
 class CheckpointError(UserError):
@@ -105,9 +106,11 @@ def read_info(directory):
 
 
 def base_model_of(info):
-    """The base model folder recorded at training time, or the same model resolved again (e.g. on another machine)."""
-    recorded = Path(info["base_model_path"])
-    return recorded if (recorded / "config.json").is_file() else resolve_model(info["base_model"])
+    """The base model folder recorded at training time, or the same model found again (e.g. on another machine)."""
+    for folder in (Path(info["base_model_path"]), REPO_ROOT / info["base_model"]):
+        if (folder / "config.json").is_file():
+            return folder
+    return resolve_model(info["base_model"])
 
 
 def load_checkpoint(directory, for_training=False):

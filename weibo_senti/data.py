@@ -173,6 +173,28 @@ class EncodedTexts(torch.utils.data.Dataset):
         return item
 
 
+class LengthGroupedBatches:
+    """Batches of texts of similar length, so that padding to the longest costs little: shuffle, sort each window of
+    `window` batches by length, cut it into batches, shuffle the batches. Draws from torch's global generator, which the
+    training loop seeds per epoch, so --resume and every process see the same batches."""
+
+    def __init__(self, lengths, batch_size, window=50):
+        self.lengths, self.batch_size, self.window = lengths, batch_size, window
+
+    def __iter__(self):
+        order = torch.randperm(len(self.lengths)).tolist()
+        span = self.batch_size * self.window
+        batches = []
+        for start in range(0, len(order), span):
+            chunk = sorted(order[start:start + span], key=self.lengths.__getitem__)
+            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        for index in torch.randperm(len(batches)).tolist():
+            yield batches[index]
+
+    def __len__(self):
+        return -(-len(self.lengths) // self.batch_size)
+
+
 def make_collate(pad_token_id):
     def collate(items):
         longest = max(len(item["input_ids"]) for item in items)

@@ -8,13 +8,12 @@ classification head travels with it because the task type SEQ_CLS marks the head
 import sys
 from pathlib import Path
 
-import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
-from transformers import AutoModelForSequenceClassification
 
 from . import cli, training
 from .checkpoint import atomic_directory, load_checkpoint
 from .data import LABEL_NAMES
+from .models import HEAD_MODULES, load_base_classifier
 
 
 def settings(cfg):
@@ -26,24 +25,14 @@ def settings(cfg):
     }
 
 
-def load_base_classifier(base_path, tokenizer):
-    return AutoModelForSequenceClassification.from_pretrained(
-        base_path,
-        num_labels=len(LABEL_NAMES),
-        id2label=dict(enumerate(LABEL_NAMES)),
-        label2id={name: i for i, name in enumerate(LABEL_NAMES)},
-        pad_token_id=tokenizer.pad_token_id,
-        dtype=torch.float32,  # transformers 5 would keep a half-precision checkpoint in half precision
-    )
-
-
 def build(base_path, tokenizer, settings, weights_from=None):
-    base = load_base_classifier(base_path, tokenizer)
+    base, not_in_base = load_base_classifier(base_path, tokenizer, LABEL_NAMES)
     if weights_from is not None:
         return PeftModel.from_pretrained(base, weights_from, is_trainable=True)
     config = LoraConfig(
         task_type=TaskType.SEQ_CLS,
         fan_in_fan_out=base.config.model_type == "gpt2",  # GPT-2's c_attn / c_proj are Conv1D (weights stored transposed)
+        modules_to_save=[*HEAD_MODULES, *not_in_base],
         **settings,
     )
     return get_peft_model(base, config)
@@ -58,8 +47,12 @@ def describe(model):
     wrapped = sorted({name.rsplit(".lora_A", 1)[0] for name, _ in model.named_parameters() if ".lora_A" in name})
     kinds = sorted({name.split(".")[-1] + (" (MLP)" if ".mlp." in name else " (attention)" if ".attn" in name or ".attention" in name else "") for name in wrapped})
     lora = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
-    head = sum(p.numel() for name, p in model.named_parameters() if p.requires_grad and "lora_" not in name)
-    return f"LoRA on {len(wrapped)} modules ({', '.join(kinds)}): {lora:,} LoRA parameters + {head:,} head parameters"
+    saved = sum(p.numel() for name, p in model.named_parameters() if p.requires_grad and "lora_" not in name)
+    also = [name for name in model.peft_config["default"].modules_to_save or [] if name not in HEAD_MODULES]
+    return (
+        f"LoRA on {len(wrapped)} modules ({', '.join(kinds)}): {lora:,} LoRA parameters + {saved:,} head parameters"
+        + (f" (head includes {', '.join(also)}: not in the base checkpoint, so trained and saved)" if also else "")
+    )
 
 
 def export_merged(checkpoint_dir, destination):

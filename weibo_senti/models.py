@@ -1,14 +1,17 @@
 """Find a base model: a save_pretrained folder, its copy under models/, or a download from the Hugging Face hub."""
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
-import transformers
-from transformers import AutoConfig, AutoModel, AutoTokenizer
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from . import REPO_ROOT, UserError
 
 MODELS_DIR = REPO_ROOT / "models"
+# the embedded defaults, pretrained by models/pretrain.py, used when a hub model cannot be had
+MINI_MODELS = {"gpt2": MODELS_DIR / "gpt2-chinese-mini", "bert": MODELS_DIR / "bert-chinese-mini"}
 
 
 class ModelNotFound(UserError):
@@ -24,8 +27,10 @@ def _is_model_folder(path):
     return path.is_dir() and (path / "config.json").is_file()
 
 
-def resolve_model(name_or_path):
-    """Return a local save_pretrained folder for `name_or_path`, downloading a hub id once into models/."""
+def resolve_model(name_or_path, fallback=None):
+    """Return a local save_pretrained folder for `name_or_path`, downloading a hub id once into models/.
+
+    When a hub id can be had neither way and `fallback` (an embedded mini model) exists, say so loudly and use it."""
     given = Path(name_or_path).expanduser()
     if _is_model_folder(given):
         return given
@@ -41,6 +46,14 @@ def resolve_model(name_or_path):
     except Exception as error:  # offline, unknown id, gated repo: all end the same way for the user
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         tried.append(f"downloading '{name_or_path}' from the Hugging Face hub: {first_line}")
+        if fallback is not None and _is_model_folder(fallback):
+            print(
+                f"\n!!! cannot get the model '{name_or_path}' ({'; '.join(tried)}).\n"
+                f"!!! Using the embedded mini model {fallback} instead: it is small and was pretrained on Weibo texts alone,\n"
+                f"!!! so expect lower accuracy than with {name_or_path}. See {fallback / 'README.md'}.\n",
+                file=sys.stderr,
+            )
+            return fallback
         raise ModelNotFound(_not_found_message(name_or_path, tried, local)) from None
     print(f"downloaded {name_or_path} into {local}")
     return local
@@ -51,10 +64,11 @@ def _download(hub_id, destination):
     destination.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}-"))
     try:
-        config = AutoConfig.from_pretrained(hub_id)
-        # the class the model was published as, so that a fine-tuned classifier keeps its head
-        model_class = getattr(transformers, (config.architectures or ["AutoModel"])[0], AutoModel)
-        model_class.from_pretrained(hub_id).save_pretrained(tmp)
+        architectures = AutoConfig.from_pretrained(hub_id).architectures or []
+        # a fine-tuned classifier keeps its head; any other model is saved as its base model, which keeps BERT's
+        # pooler (BertForMaskedLM, the class bert-base-chinese is published as, would drop it)
+        is_classifier = any(name.endswith("ForSequenceClassification") for name in architectures)
+        (AutoModelForSequenceClassification if is_classifier else AutoModel).from_pretrained(hub_id).save_pretrained(tmp)
         AutoTokenizer.from_pretrained(hub_id).save_pretrained(tmp)
         tmp.rename(destination)
     except BaseException:
@@ -77,6 +91,26 @@ def _not_found_message(name, tried, local=None):
         "--model PATH for train.py, --checkpoint PATH for predict.py"
     )
     return "\n".join(lines)
+
+
+HEAD_MODULES = ("score", "classifier")  # the classification head of GPT-2 and of BERT-family models
+
+
+def load_base_classifier(base_path, tokenizer, label_names):
+    """The base model with a fresh two-class head, in float32, and the names of the modules whose weights the base
+    checkpoint lacks besides the head (BERT's pooler when the base was saved as BertForMaskedLM). Those start random
+    at every load, so the methods train and save them with the head; otherwise a reload would not match."""
+    model, loading = AutoModelForSequenceClassification.from_pretrained(
+        base_path,
+        num_labels=len(label_names),
+        id2label=dict(enumerate(label_names)),
+        label2id={name: i for i, name in enumerate(label_names)},
+        pad_token_id=tokenizer.pad_token_id,
+        dtype=torch.float32,  # transformers 5 would keep a half-precision checkpoint in half precision
+        output_loading_info=True,
+    )
+    missing = {key.rsplit(".", 1)[0] for key in loading["missing_keys"]}
+    return model, sorted(name for name in missing if name.split(".")[0] not in HEAD_MODULES)
 
 
 def load_tokenizer(model_path):

@@ -19,8 +19,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from . import UserError
+from . import REPO_ROOT, UserError
 from .checkpoint import (
+    BASE_FAMILY,
     TRAINING_STATE_FILE,
     find_checkpoint,
     method_module,
@@ -28,13 +29,14 @@ from .checkpoint import (
     write_checkpoint,
     write_json_atomic,
 )
-from .data import LABEL_NAMES, EncodedTexts, load_labelled_csv, make_collate, split_train_val, strip_emoticons
-from .models import load_tokenizer, resolve_model
+from .data import LABEL_NAMES, EncodedTexts, LengthGroupedBatches, load_labelled_csv, make_collate, split_train_val, strip_emoticons
+from .models import MINI_MODELS, load_tokenizer, resolve_model
 
 LOG_FILE = "training_log.json"
 # settings that must not change between a run and its --resume
 RUN_IDENTITY = (
     "data", "model", "seed", "val_fraction", "max_samples", "batch_size", "max_length", "lr", "warmup_ratio", "epochs", "emoticon_drop",
+    "group_by_length",
 )
 
 
@@ -96,24 +98,29 @@ def run(cfg, method_name):
     train_rows, val_rows = split_train_val(table, cfg.val_fraction, cfg.seed, cfg.max_samples)
     say(f"train: {len(train_rows):,} rows, validation: {len(val_rows):,} rows (seed {cfg.seed})")
 
-    base_path = resolve_model(cfg.model)
+    mini_model = MINI_MODELS[BASE_FAMILY[method_name]]
+    base_path = resolve_model(cfg.model, fallback=mini_model)
+    # record the base actually used: the embedded mini model by its place in the repository, so it is found anywhere
+    base_model = str(mini_model.relative_to(REPO_ROOT)) if base_path == mini_model else str(cfg.model)
     tokenizer = load_tokenizer(base_path)
     resume_dir, state = _resume_state(cfg, last_dir, method_name, settings) if cfg.resume else (None, None)
     if not cfg.resume and find_checkpoint(last_dir).is_dir():
         say(f"note: {cfg.output_dir} holds an earlier run; this new run replaces it (--resume continues it instead)")
     set_seed(cfg.seed)
     model = method.build(base_path, tokenizer, settings, weights_from=resume_dir)
-    say(f"base model: {cfg.model} ({base_path})")
+    say(f"base model: {base_model} ({base_path})")
     say(f"device: {accelerator.device}, processes: {accelerator.num_processes}, mixed precision: {accelerator.mixed_precision}")
     say(describe_parameters(model))
     if hasattr(method, "describe"):
         say(method.describe(model))
 
     collate = make_collate(tokenizer.pad_token_id)
-    train_loader = DataLoader(
-        EncodedTexts(train_rows["review"], train_rows["label"], tokenizer, cfg.max_length, cfg.emoticon_drop),
-        batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
-    )
+    train_set = EncodedTexts(train_rows["review"], train_rows["label"], tokenizer, cfg.max_length, cfg.emoticon_drop)
+    if cfg.group_by_length:
+        batches = LengthGroupedBatches([len(ids) for ids in train_set.input_ids], cfg.batch_size)
+        train_loader = DataLoader(train_set, batch_sampler=batches, collate_fn=collate)
+    else:
+        train_loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate)
     val_texts = {"val": val_rows["review"], "val_no_emoticons": val_rows["review"].map(strip_emoticons)}
     val_loaders = {
         name: DataLoader(EncodedTexts(texts, val_rows["label"], tokenizer, cfg.max_length), batch_size=cfg.batch_size * 2, collate_fn=collate)
@@ -140,7 +147,8 @@ def run(cfg, method_name):
     info = {
         "method": method_name,
         "method_settings": settings,
-        "base_model": str(cfg.model),
+        "base_model": base_model,
+        "requested_base_model": str(cfg.model),
         "base_model_path": str(base_path.resolve()),
         "max_length": cfg.max_length,
         "labels": list(LABEL_NAMES),
