@@ -76,9 +76,11 @@ def pack(tokenizer, texts, block_length):
     """[CLS] text [SEP] text [SEP] ... cut into blocks of block_length tokens."""
     import torch
 
+    from weibo_senti.data import encode_compactly
+
     ids = []
-    for encoded in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        ids += encoded + [tokenizer.sep_token_id]
+    for encoded in encode_compactly(tokenizer, texts, max_length=None, add_special_tokens=False):
+        ids += encoded.tolist() + [tokenizer.sep_token_id]
     usable = (len(ids) // (block_length - 1)) * (block_length - 1)
     blocks = torch.tensor(ids[:usable]).view(-1, block_length - 1)
     return torch.cat([torch.full((len(blocks), 1), tokenizer.cls_token_id), blocks], dim=1)
