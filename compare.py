@@ -168,7 +168,7 @@ def write_chart(rows, path):
     import matplotlib.pyplot as plt
 
     names = [row["method"] for row in rows]
-    figure, axes = plt.subplots(1, 3, figsize=(14, 4))
+    figure, axes = plt.subplots(1, 3, figsize=(14, 4.8))
     width = 0.2
     for offset, (key, label) in enumerate([("val", "plain"), ("val_no_emoticons", "no emoticons")]):
         for shift, metric in enumerate(("accuracy", "macro_f1")):
@@ -176,7 +176,7 @@ def write_chart(rows, path):
             axes[0].bar(position, [row["scores"][key][metric] for row in rows], width, label=f"{metric} ({label})")
     axes[0].set_title("validation scores")
     axes[0].set_ylim(0.4, 1.0)
-    axes[0].legend(fontsize=7, loc="lower left")
+    axes[0].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
     axes[1].bar(names, [row["weights_bytes"] / 2**20 for row in rows])
     axes[1].set_title("checkpoint size (MB)")
     axes[2].bar(names, [row["batched_texts_per_second"] for row in rows])
