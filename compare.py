@@ -29,17 +29,11 @@ RESULTS_DIR = Path("results")  # where comparison.md and comparison.png go
 METHOD_ORDER = ("adapter_tuning", "lora", "bert_lora")
 
 
-def _scores(labels, probabilities):
-    from sklearn.metrics import accuracy_score, f1_score
-
-    predictions = probabilities.argmax(axis=1)
-    return {"accuracy": float(accuracy_score(labels, predictions)), "macro_f1": float(f1_score(labels, predictions, average="macro"))}
-
-
 def measure(checkpoint, text_sets, batch_size, single_texts):
     """Runs in a child process, so that its peak memory is this model's alone."""
     import torch
 
+    from weibo_senti.data import scores
     from weibo_senti.predict import Classifier
 
     classifier = Classifier.load(checkpoint)
@@ -50,7 +44,7 @@ def measure(checkpoint, text_sets, batch_size, single_texts):
         started = time.perf_counter()
         probabilities = classifier.probabilities(data["texts"], batch_size)
         seconds = time.perf_counter() - started
-        result["scores"][name] = _scores(data["labels"], probabilities)
+        result["scores"][name] = scores(data["labels"], probabilities.argmax(axis=1))
         if name == "val":
             result["batched_texts_per_second"] = len(data["texts"]) / seconds
     singles = []

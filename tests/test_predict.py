@@ -71,7 +71,7 @@ def test_predict_script_scores_a_file_stdin_and_one_text(trained, tmp_path, clas
     script = REPO_ROOT / "adapter_tuning" / "predict.py"
     result = run_script(script, "--checkpoint", output_dir / "best", "--file", source, "--out", tmp_path / "out.csv")
     assert result.returncode == 0, result.stderr
-    assert "scored 2 texts" in result.stderr and "accuracy against its 'label' column" in result.stderr
+    assert "scored 2 texts" in result.stderr and "against its 'label' column: accuracy" in result.stderr
     scored = (tmp_path / "out.csv").read_text(encoding="utf-8").splitlines()
     assert scored[0] == "label,review,pred_label,sentiment,confidence,prob_positive"
     expected = classifier.predict(TEXTS)

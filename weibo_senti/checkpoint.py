@@ -113,7 +113,7 @@ def base_model_of(info):
     return resolve_model(info["base_model"])
 
 
-def load_checkpoint(directory, for_training=False):
+def load_checkpoint(directory):
     """Rebuild (model, tokenizer, info) from a checkpoint folder alone."""
     directory = find_checkpoint(directory)
     info = read_info(directory)
@@ -125,6 +125,4 @@ def load_checkpoint(directory, for_training=False):
         raise
     except Exception as error:
         raise CheckpointError(f"{directory}: cannot load the trained weights ({type(error).__name__}: {error})") from None
-    if not for_training:
-        model.eval()
-    return model, tokenizer, info
+    return model.eval(), tokenizer, info

@@ -28,10 +28,6 @@ def _help_texts(script_path):
     return texts
 
 
-def _path_type(value):
-    return Path(value)
-
-
 def parse_config(script_globals, argv=None, positional=None):
     """Return the script's constants, overridden by any --flags, as a namespace with lower_case names.
 
@@ -54,7 +50,7 @@ def parse_config(script_globals, argv=None, positional=None):
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["type"] = _path_type if isinstance(default, Path) else type(default)
+            kwargs["type"] = Path if isinstance(default, Path) else type(default)
             kwargs["metavar"] = name
         parser.add_argument(flag, dest=name.lower(), **kwargs)
     if positional:

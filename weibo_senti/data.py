@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
+from sklearn.metrics import accuracy_score, f1_score
 from sklearn.model_selection import train_test_split
 from . import UserError
 
@@ -25,6 +26,14 @@ EMOTICON_TAG = re.compile(r"\[[^\[\]\s]{1,10}\]")
 
 class DataError(UserError):
     """Bad input data; the message names the file, the rows and the column."""
+
+
+def scores(labels, predictions):
+    """Accuracy and macro-F1, the two figures every evaluation here reports."""
+    return {
+        "accuracy": float(accuracy_score(labels, predictions)),
+        "macro_f1": float(f1_score(labels, predictions, average="macro")),
+    }
 
 
 def strip_emoticons(text):

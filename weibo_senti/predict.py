@@ -12,7 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, pipeline
 
 from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, read_info
-from .data import DataError, read_csv_text
+from .data import DataError, read_csv_text, scores
 from .models import load_tokenizer, resolve_model
 
 SENTIMENTS = ("负面情感", "正面情感")  # label 0, label 1, as the original console printed them
@@ -137,8 +137,8 @@ def score_file(classifier, path, column, out, batch_size):
     os.replace(tmp.name, out)
     print(f"scored {len(table):,} texts from {path} -> {out}", file=sys.stderr)
     if "label" in table.columns and table["label"].isin(["0", "1"]).all():
-        accuracy = (table["label"].astype(int) == table["pred_label"]).mean()
-        print(f"accuracy against its 'label' column: {accuracy:.4f}", file=sys.stderr)
+        against_labels = scores(table["label"].astype(int), table["pred_label"])
+        print(f"against its 'label' column: accuracy {against_labels['accuracy']:.4f}, macro-F1 {against_labels['macro_f1']:.4f}", file=sys.stderr)
 
 
 def score_stream(classifier, lines, out, batch_size, chunk_lines=1024):

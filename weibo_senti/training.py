@@ -14,7 +14,6 @@ import torch.nn.functional as F
 import transformers
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
-from sklearn.metrics import accuracy_score, f1_score
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
@@ -29,7 +28,9 @@ from .checkpoint import (
     write_checkpoint,
     write_json_atomic,
 )
-from .data import LABEL_NAMES, EncodedTexts, LengthGroupedBatches, load_labelled_csv, make_collate, split_train_val, strip_emoticons
+from .data import (
+    LABEL_NAMES, EncodedTexts, LengthGroupedBatches, load_labelled_csv, make_collate, scores, split_train_val, strip_emoticons,
+)
 from .models import MINI_MODELS, load_tokenizer, resolve_model
 
 LOG_FILE = "training_log.json"
@@ -62,11 +63,7 @@ def evaluate(model, loader, accelerator):
         predictions.append(logits.argmax(-1).cpu())
         labels.append(batch_labels.cpu())
     predictions, labels = torch.cat(predictions).numpy(), torch.cat(labels).numpy()
-    return {
-        "loss": loss_sum / len(labels),
-        "accuracy": float(accuracy_score(labels, predictions)),
-        "macro_f1": float(f1_score(labels, predictions, average="macro")),
-    }
+    return {"loss": loss_sum / len(labels), **scores(labels, predictions)}
 
 
 def _run_identity(cfg):
