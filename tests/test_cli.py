@@ -45,10 +45,12 @@ def test_bad_data_ends_with_a_message_not_a_traceback(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_offline_model_ends_with_what_was_tried(weibo_csv, tmp_path):
-    result = run_script(TRAIN_SCRIPTS["lora"], "--data", weibo_csv, "--model", "nobody/no-such-model", "--output-dir", tmp_path)
+def test_missing_model_folder_ends_with_what_was_tried(weibo_csv, tmp_path):
+    # a hub id that cannot be had falls back to the embedded mini model (tests/test_models.py); a folder does not
+    missing = tmp_path / "no-such-model"
+    result = run_script(TRAIN_SCRIPTS["lora"], "--data", weibo_csv, "--model", missing, "--output-dir", tmp_path / "out")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "cannot find the model 'nobody/no-such-model'" in result.stderr and "--model PATH" in result.stderr
+    assert f"cannot find the model '{missing}'" in result.stderr and "--model PATH" in result.stderr
 
 
 def test_two_cpu_processes_through_accelerate_launch(tiny_models, weibo_csv, tmp_path):
