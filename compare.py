@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from weibo_senti import REPO_ROOT, UserError, cli  # noqa: E402
+from weibo_senti.checkpoint import METHOD_MODULES  # noqa: E402
 
 DATA = Path(os.environ.get("WEIBO_SENTI_DATA", "dataset/weibo_senti_100k.csv"))  # the labelled CSV the checkpoints were trained on
 VAL_FRACTION = 0.1  # must match the training runs, so that no validation text was trained on
@@ -25,8 +26,6 @@ EXTRA = ""  # comma-separated extra label,review CSV files, each reported on its
 BATCH_SIZE = 64  # texts per batch for the batched measurements
 SINGLE_TEXTS = 50  # texts predicted one at a time for the ms-per-text figure
 RESULTS_DIR = Path("results")  # where comparison.md and comparison.png go
-
-METHOD_ORDER = ("adapter_tuning", "lora", "bert_lora")
 
 
 def measure(checkpoint, text_sets, batch_size, single_texts):
@@ -66,7 +65,7 @@ def _measure_in_child(args):
 def find_checkpoints(given):
     if given:
         return given
-    found = [REPO_ROOT / method / "output" / "best" for method in METHOD_ORDER if (REPO_ROOT / method / "output" / "best").is_dir()]
+    found = [REPO_ROOT / method / "output" / "best" for method in METHOD_MODULES if (REPO_ROOT / method / "output" / "best").is_dir()]
     if not found:
         raise UserError("no trained checkpoints found in */output/best: train one first, or name checkpoint folders as arguments")
     return found

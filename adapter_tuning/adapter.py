@@ -4,7 +4,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from weibo_senti import UserError
-from weibo_senti.data import LABEL_NAMES
 from weibo_senti.models import load_base_classifier
 
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -50,7 +49,7 @@ def _trainable_names(model):
 
 
 def build(base_path, tokenizer, settings, weights_from=None):
-    model, not_in_base = load_base_classifier(base_path, tokenizer, LABEL_NAMES)
+    model, not_in_base = load_base_classifier(base_path, tokenizer)
     if model.config.model_type != "gpt2":
         raise UserError(f"adapter tuning wraps GPT-2 blocks; {base_path} is a {model.config.model_type} model")
     for parameter in model.parameters():

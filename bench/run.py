@@ -152,7 +152,6 @@ def inference_overheads(model_path, texts, repeats):
 
     from adapter_tuning import adapter
     from weibo_senti import lora
-    from weibo_senti.data import LABEL_NAMES
     from weibo_senti.models import load_base_classifier
     from weibo_senti.predict import Classifier
 
@@ -162,7 +161,7 @@ def inference_overheads(model_path, texts, repeats):
         if "lora_B" in name:
             torch.nn.init.normal_(parameter, std=0.02)
     models = {
-        "base": load_base_classifier(model_path, tokenizer, LABEL_NAMES)[0],
+        "base": load_base_classifier(model_path, tokenizer)[0],
         "adapter": adapter.build(model_path, tokenizer, ADAPTER_SETTINGS),
         "lora_unmerged": lora_model,
     }

@@ -113,10 +113,12 @@ def base_model_of(info):
     return resolve_model(info["base_model"])
 
 
-def load_checkpoint(directory):
+def load_checkpoint(directory, expected_method=None):
     """Rebuild (model, tokenizer, info) from a checkpoint folder alone."""
     directory = find_checkpoint(directory)
     info = read_info(directory)
+    if expected_method and info["method"] != expected_method:
+        raise CheckpointError(f"{directory} holds a {info['method']} checkpoint; use {info['method']}/predict.py for it")
     tokenizer = load_tokenizer(directory)
     method = method_module(info["method"])
     try:

@@ -12,7 +12,6 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 
 from . import cli, training
 from .checkpoint import atomic_directory, load_checkpoint
-from .data import LABEL_NAMES
 from .models import HEAD_MODULES, load_base_classifier
 
 
@@ -26,7 +25,7 @@ def settings(cfg):
 
 
 def build(base_path, tokenizer, settings, weights_from=None):
-    base, not_in_base = load_base_classifier(base_path, tokenizer, LABEL_NAMES)
+    base, not_in_base = load_base_classifier(base_path, tokenizer)
     if weights_from is not None:
         return PeftModel.from_pretrained(base, weights_from, is_trainable=True)
     config = LoraConfig(

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from . import REPO_ROOT, UserError
+from .data import LABEL_NAMES
 
 MODELS_DIR = REPO_ROOT / "models"
 # the embedded defaults, pretrained by models/pretrain.py, used when a hub model cannot be had
@@ -96,15 +97,15 @@ def _not_found_message(name, tried, local=None):
 HEAD_MODULES = ("score", "classifier")  # the classification head of GPT-2 and of BERT-family models
 
 
-def load_base_classifier(base_path, tokenizer, label_names):
+def load_base_classifier(base_path, tokenizer):
     """The base model with a fresh two-class head, in float32, and the names of the modules whose weights the base
     checkpoint lacks besides the head (BERT's pooler when the base was saved as BertForMaskedLM). Those start random
     at every load, so the methods train and save them with the head; otherwise a reload would not match."""
     model, loading = AutoModelForSequenceClassification.from_pretrained(
         base_path,
-        num_labels=len(label_names),
-        id2label=dict(enumerate(label_names)),
-        label2id={name: i for i, name in enumerate(label_names)},
+        num_labels=len(LABEL_NAMES),
+        id2label=dict(enumerate(LABEL_NAMES)),
+        label2id={name: i for i, name in enumerate(LABEL_NAMES)},
         pad_token_id=tokenizer.pad_token_id,
         dtype=torch.float32,  # transformers 5 would keep a half-precision checkpoint in half precision
         output_loading_info=True,

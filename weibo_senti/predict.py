@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, pipeline
 
-from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, read_info
+from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint
 from .data import DataError, read_csv_text, scores
 from .models import load_tokenizer, resolve_model
 
@@ -47,10 +47,7 @@ class Classifier:
         """A checkpoint of this toolkit, a plain (or merged) classifier folder, or a hub id of a fine-tuned classifier."""
         path = find_checkpoint(Path(location))
         if (path / "checkpoint.json").is_file():
-            info = read_info(path)
-            if expected_method and info["method"] != expected_method:
-                raise CheckpointError(f"{path} holds a {info['method']} checkpoint; use {info['method']}/predict.py for it")
-            model, tokenizer, info = load_checkpoint(path)
+            model, tokenizer, info = load_checkpoint(path, expected_method)
             return cls(model, tokenizer, info["max_length"], f"{path} ({info['method']}, base {info['base_model']})", **options)
         if path.is_dir() and not (path / "config.json").is_file():
             raise CheckpointError(f"{path} is neither a checkpoint of this toolkit (no checkpoint.json) nor a classifier folder (no config.json)")
