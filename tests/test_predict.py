@@ -7,6 +7,7 @@ import pytest
 import tiny
 from conftest import run_script
 from weibo_senti import REPO_ROOT
+from weibo_senti import predict
 from weibo_senti.predict import Classifier, clean_text, console, score_stream
 
 TEXTS = ["今天好开心[哈哈]", "讨厌难过[泪]"]
@@ -92,6 +93,24 @@ def test_predict_script_names_a_missing_column_and_checkpoint(trained, tmp_path)
     assert result.returncode == 2 and "no column 'review' (columns: text); choose one with --column" in result.stderr
     result = run_script(script, "--checkpoint", tmp_path / "none", "--text", "x")
     assert result.returncode == 2 and "no checkpoint at" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_predict_uses_the_shipped_classifier_until_one_is_trained_and_says_so(trained, tmp_path, monkeypatch, capsys):
+    output_dir, _ = trained("adapter_tuning")
+    monkeypatch.setattr(predict, "SHIPPED_CLASSIFIERS", tmp_path / "classifiers")
+    (tmp_path / "classifiers").mkdir()
+    (tmp_path / "classifiers" / "adapter_tuning").symlink_to(output_dir / "best")
+    expected = Classifier.load(output_dir / "best").predict([TEXTS[0]])[0]["sentiment"]
+    capsys.readouterr()
+    not_trained = tmp_path / "output" / "best"
+    predict.main(not_trained, "adapter_tuning", ["--text", TEXTS[0]])
+    captured = capsys.readouterr()
+    assert f"no trained checkpoint at {not_trained}: using the classifier shipped with the repository" in captured.err
+    assert "validation accuracy" in captured.err and "with emoticon tags removed" in captured.err
+    assert captured.out.startswith(expected)
+
+    predict.main(output_dir / "best", "adapter_tuning", ["--text", TEXTS[0]])  # a trained checkpoint wins, silently
+    assert "shipped" not in capsys.readouterr().err
 
 
 def test_clean_text_removes_what_the_original_scripts_removed():

@@ -11,12 +11,14 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, pipeline
 
-from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint
+from . import REPO_ROOT
+from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, read_info
 from .data import DataError, read_csv_text, scores
 from .models import load_tokenizer, resolve_model
 
 SENTIMENTS = ("负面情感", "正面情感")  # label 0, label 1, as the original console printed them
 DEFAULT_MAX_LENGTH = 128
+SHIPPED_CLASSIFIERS = REPO_ROOT / "models" / "classifiers"  # <method>/: trained on the embedded mini models, committed
 
 
 def clean_text(text):
@@ -158,12 +160,32 @@ def _write_json_lines(classifier, texts, out, batch_size):
     out.flush()
 
 
-def main(default_checkpoint, method, argv=None):
+def default_checkpoint(trained, method):
+    """The user's own best checkpoint; before one is trained, the classifier shipped with the repository."""
+    shipped = SHIPPED_CLASSIFIERS / method
+    if find_checkpoint(trained).is_dir() or not shipped.is_dir():
+        return trained
+    info = read_info(shipped)
+    metrics = info["metrics"]
+    print(
+        f"no trained checkpoint at {trained}: using the classifier shipped with the repository, {shipped} "
+        f"(base {info['base_model']}; validation accuracy {metrics['val_accuracy']:.3f}, "
+        f"{metrics['val_no_emoticons_accuracy']:.3f} with emoticon tags removed). Train your own with {method}/train.py.",
+        file=sys.stderr,
+    )
+    return shipped
+
+
+def main(trained_checkpoint, method, argv=None):
     parser = argparse.ArgumentParser(
         description="Weibo sentiment: interactive console ('q' quits); --text, --file or lines on stdin score in batches.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--checkpoint", default=str(default_checkpoint), help="checkpoint folder, merged classifier folder, or hub id of a fine-tuned classifier")
+    parser.add_argument(
+        "--checkpoint",
+        help=f"checkpoint folder, merged classifier folder, or hub id of a fine-tuned classifier (default: {trained_checkpoint}, "
+        f"or {SHIPPED_CLASSIFIERS / method} until you have trained one)",
+    )
     parser.add_argument("--text", help="score this one text and exit")
     parser.add_argument("--file", type=Path, help="CSV file to score")
     parser.add_argument("--column", default="review", help="text column of --file")
@@ -173,7 +195,8 @@ def main(default_checkpoint, method, argv=None):
     parser.add_argument("--clean", action="store_true", help="remove {%%...%%} tags, @user, 【...】, zero-width characters and emoji first")
     args = parser.parse_args(argv)
 
-    classifier = Classifier.load(args.checkpoint, expected_method=method, use_pipeline=args.pipeline, clean=args.clean)
+    checkpoint = args.checkpoint or default_checkpoint(Path(trained_checkpoint), method)
+    classifier = Classifier.load(checkpoint, expected_method=method, use_pipeline=args.pipeline, clean=args.clean)
     if args.text is not None:
         result = classifier.predict([args.text])[0]
         print(f"{result['sentiment']} (置信度: {result['confidence']:.4f})")
