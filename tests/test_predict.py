@@ -8,7 +8,8 @@ import tiny
 from conftest import run_script
 from weibo_senti import REPO_ROOT
 from weibo_senti import predict
-from weibo_senti.predict import Classifier, clean_text, console, score_stream
+from weibo_senti.checkpoint import METHOD_MODULES
+from weibo_senti.predict import SHIPPED_CLASSIFIERS, Classifier, clean_text, console, score_stream
 
 TEXTS = ["今天好开心[哈哈]", "讨厌难过[泪]"]
 
@@ -111,6 +112,15 @@ def test_predict_uses_the_shipped_classifier_until_one_is_trained_and_says_so(tr
 
     predict.main(output_dir / "best", "adapter_tuning", ["--text", TEXTS[0]])  # a trained checkpoint wins, silently
     assert "shipped" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_MODULES))
+def test_shipped_classifier_is_small_and_scores_weibo_posts_offline(method):
+    folder = SHIPPED_CLASSIFIERS / method
+    weights = [f for f in folder.iterdir() if f.suffix == ".safetensors"]
+    assert weights and sum(f.stat().st_size for f in weights) <= 2 * 1024 * 1024
+    classifier = Classifier.load(folder, expected_method=method)
+    assert [r["label"] for r in classifier.predict(["今天终于放假了，好开心[哈哈]", "又加班到半夜，心好累[泪]"])] == [1, 0]
 
 
 def test_clean_text_removes_what_the_original_scripts_removed():
