@@ -8,3 +8,10 @@ def test_benchmark_smoke_mode_runs_and_prints_every_ratio():
     for measure in ("training samples/s", "val macro-F1 after equal training", "ours batched vs reference one-by-one",
                     "checkpoint bytes", "peak RSS MB, training", "LoRA merged vs plain base", "adapter vs plain base"):
         assert measure in result.stdout
+
+
+def test_tfidf_baseline_scores_both_fits_with_and_without_emoticons(weibo_csv):
+    result = run_script(REPO_ROOT / "bench" / "tfidf_baseline.py", "--data", weibo_csv, "--min-df", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith("training texts")]
+    assert len(rows) == 2 and all(0.0 <= float(value) <= 1.0 for row in rows for value in row[-4:])

@@ -1,0 +1,47 @@
+"""The bar any neural model here must beat: character n-gram TF-IDF + logistic regression, on train.py's split.
+
+Scores the validation texts as they are and with every [...] emoticon tag removed, for a plain fit and for a fit on
+the training texts twice, once with and once without their tags (what --emoticon-drop 0.5 does in expectation).
+python bench/tfidf_baseline.py --data ../shared/data/weibo_senti_100k_partial.csv
+"""
+import os
+import sys
+from pathlib import Path
+
+import pandas as pd
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from weibo_senti import cli  # noqa: E402
+from weibo_senti.data import load_labelled_csv, scores, split_train_val, strip_emoticons  # noqa: E402
+
+DATA = Path(os.environ.get("WEIBO_SENTI_DATA", "dataset/weibo_senti_100k.csv"))  # label,review CSV
+VAL_FRACTION = 0.1  # as in train.py
+SEED = 42  # as in train.py
+NGRAM_MAX = 3  # character 1..NGRAM_MAX-grams
+MIN_DF = 2  # n-grams in fewer training texts are dropped
+C = 4.0  # inverse regularisation strength of the logistic regression
+
+
+def fit_and_score(train_texts, train_labels, val, cfg):
+    vectorizer = TfidfVectorizer(analyzer="char", ngram_range=(1, cfg.ngram_max), min_df=cfg.min_df, sublinear_tf=True)
+    model = LogisticRegression(C=cfg.c, max_iter=2000).fit(vectorizer.fit_transform(train_texts), train_labels)
+    plain = scores(val["label"], model.predict(vectorizer.transform(val["review"])))
+    stripped = scores(val["label"], model.predict(vectorizer.transform(val["review"].map(strip_emoticons))))
+    return plain, stripped
+
+
+def main(cfg):
+    table, report = load_labelled_csv(cfg.data)
+    print(report)
+    train, val = split_train_val(table, cfg.val_fraction, cfg.seed)
+    with_and_without = pd.concat([train, train.assign(review=train["review"].map(strip_emoticons))])
+    print("fit on                               acc   macro-F1   acc, no emoticons   macro-F1, no emoticons")
+    for name, fit_rows in (("training texts", train), ("training texts, with and without tags", with_and_without)):
+        plain, stripped = fit_and_score(fit_rows["review"], fit_rows["label"], val, cfg)
+        print(f"{name:<38} {plain['accuracy']:.4f}  {plain['macro_f1']:.4f}     {stripped['accuracy']:.4f}             {stripped['macro_f1']:.4f}")
+
+
+if __name__ == "__main__":
+    cli.main(lambda: main(cli.parse_config(globals())))
