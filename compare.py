@@ -77,8 +77,9 @@ def checkpoint_facts(checkpoint, cfg):
     checkpoint = find_checkpoint(checkpoint)
     info = read_info(checkpoint)
     weights = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
-    log_path = checkpoint.parent / "training_log.json"
-    log = json.loads(log_path.read_text(encoding="utf-8")) if log_path.is_file() else []
+    # beside best/ in a training run's output; inside the folder for the classifiers shipped in models/classifiers/
+    log_paths = [folder / "training_log.json" for folder in (checkpoint.parent, checkpoint) if (folder / "training_log.json").is_file()]
+    log = json.loads(log_paths[0].read_text(encoding="utf-8")) if log_paths else []
     run = info.get("run", {})
     warning = None
     if (run.get("seed"), run.get("val_fraction")) != (str(cfg.seed), str(cfg.val_fraction)):

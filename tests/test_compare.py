@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import compare
 import tiny
@@ -21,3 +22,13 @@ def test_compare_reports_every_checkpoint_on_the_same_split(trained, weibo_csv, 
         assert abs(row["scores"]["val_no_emoticons"]["macro_f1"] - logged["val_no_emoticons_macro_f1"]) < 1e-9
         assert row["weights_bytes"] > 0 and row["peak_rss_mb"] > 0 and row["ms_per_single_text"] > 0
         assert row["warning"] is None
+        assert row["epochs"] == 4 and row["seconds_per_epoch"] > 0
+
+
+def test_compare_finds_the_training_log_inside_a_shipped_classifier_folder(trained, tmp_path):
+    output_dir, _ = trained("adapter_tuning")
+    shipped = tmp_path / "classifiers" / "adapter_tuning"
+    shutil.copytree(output_dir / "best", shipped)
+    shutil.copy(output_dir / "training_log.json", shipped)
+    facts = compare.checkpoint_facts(shipped, compare.cli.parse_config(vars(compare), []))
+    assert facts["epochs"] == 4 and facts["seconds_per_epoch"] > 0
