@@ -6,8 +6,7 @@ import pytest
 
 import tiny
 from conftest import run_script
-from weibo_senti import REPO_ROOT
-from weibo_senti import predict
+from weibo_senti import REPO_ROOT, predict
 from weibo_senti.checkpoint import METHOD_MODULES
 from weibo_senti.predict import SHIPPED_CLASSIFIERS, Classifier, clean_text, console, score_stream
 
