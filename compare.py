@@ -72,14 +72,14 @@ def find_checkpoints(given):
 
 
 def checkpoint_facts(checkpoint, cfg):
-    from weibo_senti.checkpoint import find_checkpoint, read_info
+    from weibo_senti.checkpoint import LOG_FILE, find_checkpoint, read_info
 
     checkpoint = find_checkpoint(checkpoint)
     info = read_info(checkpoint)
     weights = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
     # beside best/ in a training run's output; inside the folder for the classifiers shipped in models/classifiers/
-    log_paths = [folder / "training_log.json" for folder in (checkpoint.parent, checkpoint) if (folder / "training_log.json").is_file()]
-    log = json.loads(log_paths[0].read_text(encoding="utf-8")) if log_paths else []
+    log_path = next((folder / LOG_FILE for folder in (checkpoint.parent, checkpoint) if (folder / LOG_FILE).is_file()), None)
+    log = json.loads(log_path.read_text(encoding="utf-8")) if log_path else []
     run = info.get("run", {})
     warning = None
     if (run.get("seed"), run.get("val_fraction")) != (str(cfg.seed), str(cfg.val_fraction)):

@@ -160,11 +160,12 @@ def main():
     from transformers import get_linear_schedule_with_warmup
 
     from weibo_senti.checkpoint import atomic_directory
+    from weibo_senti.models import MINI_MODELS
 
     cfg = cli.parse_config(globals())
-    if cfg.family not in ("gpt2", "bert"):
-        raise SystemExit(f"--family must be gpt2 or bert, not {cfg.family}")
-    output_dir = Path(cfg.output_dir) if cfg.output_dir else cli.REPO_ROOT / "models" / f"{cfg.family}-chinese-mini"
+    if cfg.family not in MINI_MODELS:
+        raise SystemExit(f"--family must be {' or '.join(MINI_MODELS)}, not {cfg.family}")
+    output_dir = Path(cfg.output_dir) if cfg.output_dir else MINI_MODELS[cfg.family]
     torch.manual_seed(cfg.seed)
     train_texts, held_out_texts = read_corpus(cfg)
     with atomic_directory(output_dir) as folder:

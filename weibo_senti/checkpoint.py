@@ -20,6 +20,7 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 INFO_FILE = "checkpoint.json"
 TRAINING_STATE_FILE = "training_state.pt"
+LOG_FILE = "training_log.json"  # every epoch's metrics, beside best/ and last/
 # method name in checkpoint.json -> the module with its settings(), build() and save()
 METHOD_MODULES = {
     "adapter_tuning": "adapter_tuning.adapter",

@@ -11,14 +11,13 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, pipeline
 
-from . import REPO_ROOT
 from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, read_info
 from .data import DataError, read_csv_text, scores
-from .models import load_tokenizer, resolve_model
+from .models import MODELS_DIR, load_tokenizer, resolve_model
 
 SENTIMENTS = ("负面情感", "正面情感")  # label 0, label 1, as the original console printed them
 DEFAULT_MAX_LENGTH = 128
-SHIPPED_CLASSIFIERS = REPO_ROOT / "models" / "classifiers"  # <method>/: trained on the embedded mini models, committed
+SHIPPED_CLASSIFIERS = MODELS_DIR / "classifiers"  # <method>/: trained on the embedded mini models, committed
 
 
 def clean_text(text):

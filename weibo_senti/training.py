@@ -21,6 +21,7 @@ from transformers import get_linear_schedule_with_warmup
 from . import REPO_ROOT, UserError
 from .checkpoint import (
     BASE_FAMILY,
+    LOG_FILE,
     TRAINING_STATE_FILE,
     find_checkpoint,
     method_module,
@@ -33,7 +34,6 @@ from .data import (
 )
 from .models import MINI_MODELS, load_tokenizer, resolve_model
 
-LOG_FILE = "training_log.json"
 # settings that must not change between a run and its --resume
 RUN_IDENTITY = (
     "data", "model", "seed", "val_fraction", "max_samples", "batch_size", "max_length", "lr", "warmup_ratio", "epochs", "emoticon_drop",
