@@ -2,6 +2,7 @@
 import csv
 import random
 
+import torch
 from transformers import BertConfig, BertForMaskedLM, BertTokenizer, GPT2Config, GPT2LMHeadModel
 
 POSITIVE = "好开心喜欢赞棒美爱笑甜幸福"
@@ -31,6 +32,7 @@ def make_gpt2(folder, layers=2, hidden=64):
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
         tokenizer_class="BertTokenizer",
     )
+    torch.manual_seed(0)  # the same random network on every run, so tests do not hang on a lucky draw
     GPT2LMHeadModel(config).save_pretrained(folder)
     return folder
 
@@ -42,6 +44,7 @@ def make_bert(folder, layers=2, hidden=64):
         vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
         intermediate_size=hidden * 2, max_position_embeddings=128,
     )
+    torch.manual_seed(0)
     BertForMaskedLM(config).save_pretrained(folder)
     return folder
 
