@@ -58,17 +58,25 @@ def test_an_unreachable_hub_model_falls_back_to_the_embedded_mini_model(tiny_mod
         resolve_model(str(tmp_path / "typo"), fallback=mini)
 
 
-def test_training_records_the_mini_model_it_fell_back_to(tiny_models, weibo_csv, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["adapter_tuning", "lora"])
+def test_training_records_the_mini_model_it_fell_back_to_relative_to_the_repository(method, tiny_models, weibo_csv, tmp_path, monkeypatch):
     import json
 
+    import weibo_senti
     from conftest import train
-    from weibo_senti import training
+    from weibo_senti import checkpoint, training
 
-    mini = shutil.copytree(tiny_models["gpt2"], tmp_path / "models" / "gpt2-chinese-mini")
+    repo = tmp_path / "repo"
+    mini = shutil.copytree(tiny_models["gpt2"], repo / "models" / "gpt2-chinese-mini")
     monkeypatch.setattr(training, "MINI_MODELS", {"gpt2": mini, "bert": tmp_path / "none"})
-    monkeypatch.setattr(training, "REPO_ROOT", tmp_path)
-    monkeypatch.setattr(models, "MODELS_DIR", tmp_path / "models")
-    train("adapter_tuning", "uer/gpt2-chinese-cluecorpussmall", weibo_csv, tmp_path / "out", "--epochs", "1")
-    info = json.loads((tmp_path / "out" / "best" / "checkpoint.json").read_text())
-    assert info["base_model"] == "models/gpt2-chinese-mini"
+    monkeypatch.setattr(models, "MODELS_DIR", repo / "models")
+    for module in (weibo_senti, checkpoint):
+        monkeypatch.setattr(module, "REPO_ROOT", repo)
+    train(method, "uer/gpt2-chinese-cluecorpussmall", weibo_csv, tmp_path / "out", "--epochs", "1")
+    best = tmp_path / "out" / "best"
+    info = json.loads((best / "checkpoint.json").read_text())
+    assert info["base_model"] == info["base_model_path"] == "models/gpt2-chinese-mini"
     assert info["requested_base_model"] == "uer/gpt2-chinese-cluecorpussmall"
+    if method == "lora":  # PEFT's own record of the base, read by PeftModel / AutoPeftModel users
+        assert json.loads((best / "adapter_config.json").read_text())["base_model_name_or_path"] == "models/gpt2-chinese-mini"
+    assert checkpoint.base_model_of(info) == mini  # found through the repository, whatever the working directory

@@ -4,5 +4,11 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def repo_relative(path):
+    """`path` relative to the repository when it lies inside, so a checkpoint that names it works in any clone."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(REPO_ROOT)) if resolved.is_relative_to(REPO_ROOT) else str(resolved)
+
+
 class UserError(Exception):
     """A problem the user can fix (bad data, missing model, bad checkpoint); shown as a message, not a traceback."""

@@ -108,7 +108,7 @@ def read_info(directory):
 
 def base_model_of(info):
     """The base model folder recorded at training time, or the same model found again (e.g. on another machine)."""
-    for folder in (Path(info["base_model_path"]), REPO_ROOT / info["base_model"]):
+    for folder in (REPO_ROOT / info["base_model_path"], REPO_ROOT / info["base_model"]):  # absolute paths stay as they are
         if (folder / "config.json").is_file():
             return folder
     return resolve_model(info["base_model"])

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from . import REPO_ROOT, UserError
+from . import UserError, repo_relative
 from .checkpoint import (
     BASE_FAMILY,
     LOG_FILE,
@@ -98,7 +98,7 @@ def run(cfg, method_name):
     mini_model = MINI_MODELS[BASE_FAMILY[method_name]]
     base_path = resolve_model(cfg.model, fallback=mini_model)
     # record the base actually used: the embedded mini model by its place in the repository, so it is found anywhere
-    base_model = str(mini_model.relative_to(REPO_ROOT)) if base_path == mini_model else str(cfg.model)
+    base_model = repo_relative(mini_model) if base_path == mini_model else str(cfg.model)
     tokenizer = load_tokenizer(base_path)
     resume_dir, state = _resume_state(cfg, last_dir, method_name, settings) if cfg.resume else (None, None)
     if not cfg.resume and find_checkpoint(last_dir).is_dir():
@@ -146,7 +146,7 @@ def run(cfg, method_name):
         "method_settings": settings,
         "base_model": base_model,
         "requested_base_model": str(cfg.model),
-        "base_model_path": str(base_path.resolve()),
+        "base_model_path": repo_relative(base_path),
         "max_length": cfg.max_length,
         "labels": list(LABEL_NAMES),
         "run": _run_identity(cfg),
