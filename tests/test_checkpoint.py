@@ -26,6 +26,19 @@ def test_interrupted_write_leaves_the_previous_best_loadable(trained, tmp_path, 
     assert Classifier.load(best).probabilities(["好开心[哈哈]"]) == pytest.approx(before)
 
 
+def test_checkpoint_files_are_as_readable_as_any_file_the_user_writes(trained, tmp_path):
+    import os
+    import stat
+
+    model, tokenizer, info = load_checkpoint(trained("lora")[0] / "best")
+    write_checkpoint(tmp_path / "best", model, tokenizer, info)
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [tmp_path / "best", *(tmp_path / "best").iterdir()]:
+        expected = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(path.stat().st_mode) == expected, path.name  # safetensors alone would make the weights 0600
+
+
 def test_crash_between_the_two_renames_is_found_through_the_previous_copy(tmp_path):
     final = tmp_path / "best"
     with atomic_directory(final) as tmp:

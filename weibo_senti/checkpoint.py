@@ -54,6 +54,7 @@ def atomic_directory(final):
         for file in (f for f in tmp.iterdir() if f.is_file()):
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
+            os.chmod(file, 0o666 & ~_UMASK)  # safetensors writes its files private (0600); others on the server read them too
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
