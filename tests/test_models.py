@@ -79,4 +79,5 @@ def test_training_records_the_mini_model_it_fell_back_to_relative_to_the_reposit
     assert info["requested_base_model"] == "uer/gpt2-chinese-cluecorpussmall"
     if method == "lora":  # PEFT's own record of the base, read by PeftModel / AutoPeftModel users
         assert json.loads((best / "adapter_config.json").read_text())["base_model_name_or_path"] == "models/gpt2-chinese-mini"
+        assert "base_model: models/gpt2-chinese-mini\n" in (best / "README.md").read_text()
     assert checkpoint.base_model_of(info) == mini  # found through the repository, whatever the working directory

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 
-from . import cli, repo_relative, training
+from . import cli, training
 from .checkpoint import atomic_directory, load_checkpoint
 from .models import HEAD_MODULES, load_base_classifier
 
@@ -38,8 +38,6 @@ def build(base_path, tokenizer, settings, weights_from=None):
 
 
 def save(model, directory):
-    for config in model.peft_config.values():
-        config.base_model_name_or_path = repo_relative(config.base_model_name_or_path)
     # the vocabulary is always the base's own; saying so spares PEFT a look for the base's config (cwd or hub)
     model.save_pretrained(directory, save_embedding_layers=False)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-from . import REPO_ROOT, UserError
+from . import REPO_ROOT, UserError, repo_relative
 from .data import LABEL_NAMES
 
 MODELS_DIR = REPO_ROOT / "models"
@@ -110,6 +110,8 @@ def load_base_classifier(base_path, tokenizer):
         dtype=torch.float32,  # transformers 5 would keep a half-precision checkpoint in half precision
         output_loading_info=True,
     )
+    # PEFT records these as the base (adapter_config.json, README.md): inside the repository, relative, so any clone finds it
+    model.name_or_path = model.config.name_or_path = repo_relative(base_path)
     missing = {key.rsplit(".", 1)[0] for key in loading["missing_keys"]}
     return model, sorted(name for name in missing if name.split(".")[0] not in HEAD_MODULES)
 
