@@ -1,5 +1,7 @@
 import json
+import os
 import shutil
+import stat
 
 import pytest
 
@@ -27,9 +29,6 @@ def test_interrupted_write_leaves_the_previous_best_loadable(trained, tmp_path, 
 
 
 def test_checkpoint_files_are_as_readable_as_any_file_the_user_writes(trained, tmp_path):
-    import os
-    import stat
-
     model, tokenizer, info = load_checkpoint(trained("lora")[0] / "best")
     write_checkpoint(tmp_path / "best", model, tokenizer, info)
     umask = os.umask(0)

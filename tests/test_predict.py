@@ -34,7 +34,7 @@ def test_console_asks_again_on_empty_input_survives_errors_and_quits_on_q(classi
     assert "输入不能为空，请重新输入" in shown
     assert "预测出错: model exploded" in shown
     assert shown.count("预测结果: ") == 2 and "置信度" in shown
-    for verdict in real_predict(["今天好开心[哈哈]", "讨厌难过[泪]"]):
+    for verdict in real_predict(TEXTS):
         assert f"预测结果: {verdict['sentiment']} (置信度: {verdict['confidence']:.4f})" in shown
 
 
