@@ -18,13 +18,15 @@ BATCH_SIZE = 16  # texts per step (per process)
 LR = 5e-5  # AdamW peak learning rate
 WARMUP_RATIO = 0.1  # share of steps with linear warm-up, then linear decay
 MAX_LENGTH = 128  # tokens per text, longer texts are cut
-GROUP_BY_LENGTH = False  # batch texts of similar length together: less padding, faster steps
+GROUP_BY_LENGTH = True  # batch texts of similar length together: less padding, about 2x faster epochs (--no-group-by-length: off)
 EMOTICON_DROP = 0.0  # probability that a training text is shown without its [...] emoticon tags (0 = off)
+MIXED_PRECISION = "auto"  # auto (bf16 where the CPU or GPU computes it natively, else fp32), no, bf16 or fp16 (CUDA only)
 ADAPTER_SIZE = 64  # bottleneck width of each adapter
 VAL_FRACTION = 0.1  # share of rows held out for validation (stratified)
 SEED = 42  # split, initialisation and batch order
 MAX_SAMPLES = 0  # use a stratified subset of this many rows (0 = all), for quick runs
 RESUME = False  # continue the run in OUTPUT_DIR from its last finished epoch
+OVERWRITE = False  # replace a run already in OUTPUT_DIR (without it, or --resume, train.py refuses to touch it)
 
 if __name__ == "__main__":
     cli.main(lambda: training.run(cli.parse_config(globals()), "adapter_tuning"))

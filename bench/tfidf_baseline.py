@@ -2,7 +2,7 @@
 
 Scores the validation texts as they are and with every [...] emoticon tag removed, for a plain fit and for a fit on
 the training texts twice, once with and once without their tags (what --emoticon-drop 0.5 does in expectation).
-python bench/tfidf_baseline.py --data ../shared/data/weibo_senti_100k_partial.csv
+python bench/tfidf_baseline.py
 """
 import os
 import sys

@@ -17,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from weibo_senti import cli  # noqa: E402
+from weibo_senti import cli, repo_relative  # noqa: E402
 
 FAMILY = "gpt2"  # gpt2 (causal language model) or bert (masked language model)
 DATA = Path(os.environ.get("WEIBO_SENTI_DATA", "dataset/weibo_senti_100k.csv"))  # labelled CSV; only its training part is read
@@ -132,7 +132,10 @@ def held_out_loss(model, family, blocks, tokenizer, cfg):
 
 
 def write_card(folder, name, cfg, facts):
-    command = "python models/pretrain.py " + " ".join(sys.argv[1:])
+    # paths as the repository sees them, so the card names no folder of the machine it was made on
+    command = "python models/pretrain.py " + " ".join(
+        repo_relative(arg) if Path(arg).exists() else arg for arg in sys.argv[1:]
+    )
     objective = "causal language modelling (next character)" if cfg.family == "gpt2" else "masked language modelling (15%, 80/10/10)"
     (folder / "README.md").write_text(f"""# {name}
 

@@ -53,6 +53,14 @@ def trained(tiny_models, weibo_csv, tmp_path_factory):
     return get
 
 
+@pytest.fixture
+def classifier(trained):
+    """The classifier of the short adapter_tuning run."""
+    from weibo_senti.predict import Classifier
+
+    return Classifier.load(trained("adapter_tuning")[0] / "best")
+
+
 def run_script(path, *args, stdin=None, cwd=REPO_ROOT):
     return subprocess.run(
         [sys.executable, str(path), *map(str, args)], input=stdin, capture_output=True, text=True, cwd=cwd, timeout=300,

@@ -21,7 +21,7 @@ def test_interrupted_write_leaves_the_previous_best_loadable(trained, tmp_path, 
         raise OSError("disk full")
 
     monkeypatch.setattr("adapter_tuning.adapter.save_file", crash_halfway)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match="disk full; the previous .* is unchanged"):
         write_checkpoint(best, model, tokenizer, {**info, "epoch": 99})
     assert json.loads((best / "checkpoint.json").read_text())["epoch"] == info["epoch"]
     assert [p.name for p in tmp_path.iterdir()] == ["best"]  # no half-written folder left behind

@@ -36,10 +36,12 @@ def test_defaults_match_the_original_scripts_and_flags_override_them():
     assert (bert.model, bert.target_modules, bert.epochs) == ("bert-base-chinese", "query,value", 3)
 
 
-def test_bad_data_ends_with_a_message_not_a_traceback(tmp_path):
+def test_bad_data_ends_with_a_message_not_a_traceback(tiny_models, tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("label,text\n1,好\n", encoding="utf-8")
-    result = run_script("train.py", "--data", bad, "--model", tmp_path, cwd=REPO_ROOT / "adapter_tuning")
+    result = run_script(
+        "train.py", "--data", bad, "--model", tiny_models["gpt2"], "--output-dir", tmp_path / "out", cwd=REPO_ROOT / "adapter_tuning"
+    )
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: {bad}: missing column(s) review")
     assert "Traceback" not in result.stderr

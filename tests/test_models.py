@@ -81,3 +81,30 @@ def test_training_records_the_mini_model_it_fell_back_to_relative_to_the_reposit
         assert json.loads((best / "adapter_config.json").read_text())["base_model_name_or_path"] == "models/gpt2-chinese-mini"
         assert "base_model: models/gpt2-chinese-mini\n" in (best / "README.md").read_text()
     assert checkpoint.base_model_of(info) == mini  # found through the repository, whatever the working directory
+
+
+def test_mixed_precision_auto_takes_bf16_only_where_the_hardware_computes_it(monkeypatch):
+    from weibo_senti import UserError
+
+    monkeypatch.setattr(models, "_cpu_has_native_bf16", lambda: True)
+    assert models.resolve_mixed_precision("auto", "cpu")[0] == "bf16"
+    monkeypatch.setattr(models, "_cpu_has_native_bf16", lambda: False)
+    precision, why = models.resolve_mixed_precision("auto", "cpu")
+    assert precision == "no" and "fp32" in why
+    assert models.resolve_mixed_precision("bf16", "cpu")[0] == "bf16"  # asked for: done, even where emulated
+    with pytest.raises(UserError, match="fp16: needs a CUDA GPU"):
+        models.resolve_mixed_precision("fp16", "cpu")
+    with pytest.raises(UserError, match="not one of auto, no, bf16, fp16"):
+        models.resolve_mixed_precision("fp8", "cpu")
+
+
+def test_offline_the_hub_is_not_retried_and_its_local_cache_still_serves(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert not models.hub_reachable()
+    monkeypatch.setattr(models, "MODELS_DIR", tmp_path)
+    started = time.perf_counter()
+    with pytest.raises(ModelNotFound, match="the hub is not reachable from here"):
+        resolve_model("uer/gpt2-chinese-cluecorpussmall")
+    assert time.perf_counter() - started < 5

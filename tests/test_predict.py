@@ -7,16 +7,9 @@ import pytest
 import tiny
 from conftest import run_script
 from weibo_senti import REPO_ROOT, predict
-from weibo_senti.checkpoint import METHOD_MODULES
 from weibo_senti.predict import SHIPPED_CLASSIFIERS, Classifier, clean_text, console, score_stream
 
 TEXTS = ["今天好开心[哈哈]", "讨厌难过[泪]"]
-
-
-@pytest.fixture
-def classifier(trained):
-    output_dir, _ = trained("adapter_tuning")
-    return Classifier.load(output_dir / "best")
 
 
 def test_console_asks_again_on_empty_input_survives_errors_and_quits_on_q(classifier, capsys, monkeypatch):
@@ -48,8 +41,10 @@ def test_console_ends_on_end_of_input(classifier):
 def test_stream_writes_one_json_line_per_text_in_input_order(classifier):
     out = io.StringIO()
     score_stream(classifier, io.StringIO("今天好开心[哈哈]\n\n讨厌难过[泪]\n北京"), out, batch_size=2, chunk_lines=2)
-    results = [json.loads(line) for line in out.getvalue().splitlines()]
-    assert [r["text"] for r in results] == ["今天好开心[哈哈]", "讨厌难过[泪]", "北京"]
+    rows = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert rows[1] == {"line": 2, "skipped": "empty text"}
+    results = [row for row in rows if "text" in row]
+    assert [(r["line"], r["text"]) for r in results] == [(1, "今天好开心[哈哈]"), (3, "讨厌难过[泪]"), (4, "北京")]
     expected = classifier.predict(["今天好开心[哈哈]", "讨厌难过[泪]", "北京"])
     assert [r["prob_positive"] for r in results] == pytest.approx([r["prob_positive"] for r in expected], abs=1e-6)
 
@@ -67,23 +62,25 @@ def test_gpt2_pipeline_path_matches_the_direct_path(trained):
     assert Classifier.load(output_dir / "best", use_pipeline=True).probabilities(TEXTS) == pytest.approx(direct, abs=1e-5)
 
 
-def test_predict_script_scores_a_file_stdin_and_one_text(trained, tmp_path, classifier):
+def test_predict_script_scores_a_file_stdin_and_one_text(trained, tmp_path):
     output_dir, _ = trained("adapter_tuning")
+    classifier = Classifier.load(output_dir / "best", mixed_precision="auto")  # the precision predict.py picks
     source = tiny.write_csv(tmp_path / "posts.csv", [(1, TEXTS[0]), (0, TEXTS[1])])
     script = REPO_ROOT / "adapter_tuning" / "predict.py"
     result = run_script(script, "--checkpoint", output_dir / "best", "--file", source, "--out", tmp_path / "out.csv")
     assert result.returncode == 0, result.stderr
-    assert "scored 2 texts" in result.stderr and "against its 'label' column: accuracy" in result.stderr
+    assert "scored 2 of 2 texts" in result.stderr and "against its 'label' column: accuracy" in result.stderr
     scored = (tmp_path / "out.csv").read_text(encoding="utf-8").splitlines()
-    assert scored[0] == "label,review,pred_label,sentiment,confidence,prob_positive"
+    assert scored[0] == "label,review,pred_label,sentiment,confidence,prob_positive,error"
     expected = classifier.predict(TEXTS)
-    assert float(scored[1].split(",")[-1]) == pytest.approx(expected[0]["prob_positive"], abs=1e-6)
+    assert float(scored[1].split(",")[-2]) == pytest.approx(expected[0]["prob_positive"], abs=1e-6)
 
     result = run_script(script, "--checkpoint", output_dir / "best", stdin="\n".join(TEXTS) + "\n", cwd=tmp_path)
     assert [json.loads(line)["label"] for line in result.stdout.splitlines()] == [r["label"] for r in expected]
 
+    expected = classifier.predict(TEXTS[1:])  # one text alone: no padding, as --text runs it
     result = run_script("predict.py", "--checkpoint", output_dir / "best", "--text", TEXTS[1], cwd=REPO_ROOT / "adapter_tuning")
-    assert result.stdout.strip() == f"{expected[1]['sentiment']} (置信度: {expected[1]['confidence']:.4f})"
+    assert result.stdout.strip() == f"{expected[0]['sentiment']} (置信度: {expected[0]['confidence']:.4f})"
 
 
 def test_predict_script_names_a_missing_column_and_checkpoint(trained, tmp_path):
@@ -114,7 +111,7 @@ def test_predict_uses_the_shipped_classifier_until_one_is_trained_and_says_so(tr
     assert "shipped" not in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("method", sorted(METHOD_MODULES))
+@pytest.mark.parametrize("method", sorted(p.name for p in SHIPPED_CLASSIFIERS.iterdir()))
 def test_shipped_classifier_is_small_and_scores_weibo_posts_offline(method):
     folder = SHIPPED_CLASSIFIERS / method
     weights = [f for f in folder.iterdir() if f.suffix == ".safetensors"]

@@ -91,3 +91,32 @@ def test_length_grouped_training_lowers_the_loss_and_is_recorded(tiny_models, we
     assert log[-1]["train_loss"] < log[0]["train_loss"]
     info = json.loads((tmp_path / "grouped" / "best" / "checkpoint.json").read_text())
     assert info["run"]["group_by_length"] == "True"
+
+
+def test_a_base_with_measured_settings_supplies_those_not_given_on_the_command_line(tiny_models, weibo_csv, tmp_path, capsys):
+    import shutil
+
+    base = shutil.copytree(tiny_models["gpt2"], tmp_path / "base")
+    (base / "fine_tuning.json").write_text(json.dumps({"adapter_tuning": {"epochs": 1, "emoticon_drop": 0.5, "lr": 0.02}}))
+    log = train("adapter_tuning", base, weibo_csv, tmp_path / "out", "--adapter-size", "8")  # FAST gives --lr
+    assert len(log) == 1
+    info = json.loads((tmp_path / "out" / "best" / "checkpoint.json").read_text())
+    assert info["run"]["emoticon_drop"] == "0.5" and info["run"]["lr"] == "0.01" and info["run"]["epochs"] == "1"
+    assert "settings measured best on" in capsys.readouterr().out
+
+
+def test_bf16_training_records_its_precision_and_saves_fp32_weights(tiny_models, weibo_csv, tmp_path):
+    train("lora", tiny_models["gpt2"], weibo_csv, tmp_path / "out", "--epochs", "1", "--mixed-precision", "bf16")
+    info = json.loads((tmp_path / "out" / "best" / "checkpoint.json").read_text())
+    assert info["mixed_precision"] == "bf16"
+    weights = load_file(tmp_path / "out" / "best" / "adapter_model.safetensors")
+    assert {tensor.dtype for tensor in weights.values()} == {torch.float32}
+
+
+def test_checkpoint_records_the_data_inside_the_repository_relative_to_it(tiny_models, tmp_path):
+    from weibo_senti import REPO_ROOT
+
+    train("adapter_tuning", tiny_models["gpt2"], REPO_ROOT / "dataset" / "weibo_senti_100k.csv", tmp_path / "out",
+          "--epochs", "1", "--max-samples", "200", "--adapter-size", "8")
+    info = json.loads((tmp_path / "out" / "best" / "checkpoint.json").read_text())
+    assert info["run"]["data"] == "dataset/weibo_senti_100k.csv"

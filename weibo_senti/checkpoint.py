@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from . import REPO_ROOT, UserError
 from .models import load_tokenizer, resolve_model
@@ -21,13 +22,15 @@ os.umask(_UMASK)
 INFO_FILE = "checkpoint.json"
 TRAINING_STATE_FILE = "training_state.pt"
 LOG_FILE = "training_log.json"  # every epoch's metrics, beside best/ and last/
+LOCK_FILE = ".train.lock"  # held in OUTPUT_DIR while a training run writes there
 # method name in checkpoint.json -> the module with its settings(), build() and save()
 METHOD_MODULES = {
     "adapter_tuning": "adapter_tuning.adapter",
     "lora": "weibo_senti.lora",
     "bert_lora": "weibo_senti.lora",
+    "full_finetune": "bench.full_finetune",  # the reference every weight of which trains, for comparisons only
 }
-BASE_FAMILY = {"adapter_tuning": "gpt2", "lora": "gpt2", "bert_lora": "bert"}
+BASE_FAMILY = {"adapter_tuning": "gpt2", "lora": "gpt2", "bert_lora": "bert", "full_finetune": "bert"}
 
 
 class CheckpointError(UserError):
@@ -42,12 +45,27 @@ def _previous(path):
     return path.with_name(path.name + ".previous")
 
 
+def _remove_stale_writes(final):
+    """Temporary folders of earlier writes of `final` whose process is gone (killed while saving)."""
+    for folder in final.parent.glob(f".{final.name}.writing-*"):
+        pid = folder.name.rsplit(".writing-", 1)[1].split("-", 1)[0]
+        try:
+            os.kill(int(pid), 0)
+            continue  # its writer is still running
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:
+            continue  # another user's live process
+
+
 @contextmanager
 def atomic_directory(final):
-    """Yield an empty temporary folder; once the block succeeds it replaces `final` in one rename."""
+    """Yield an empty temporary folder; once the block succeeds it replaces `final` in one rename. If writing fails
+    (a full disk, say), `final` is left as it was and a CheckpointError says what failed."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.writing-"))
+    _remove_stale_writes(final)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.writing-{os.getpid()}-"))
     os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it private; a checkpoint is an ordinary folder
     try:
         yield tmp
@@ -55,6 +73,11 @@ def atomic_directory(final):
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
             os.chmod(file, 0o666 & ~_UMASK)  # safetensors writes its files private (0600); others on the server read them too
+    except (OSError, SafetensorError) as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = os.strerror(error.errno) if getattr(error, "errno", None) else str(error).strip().splitlines()[0]
+        kept = f"the previous {final} is unchanged" if final.exists() else f"nothing was written to {final}"
+        raise CheckpointError(f"could not write {final} (in {final.parent}): {reason}; {kept}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -65,13 +88,27 @@ def atomic_directory(final):
     shutil.rmtree(_previous(final), ignore_errors=True)
 
 
-def write_json_atomic(path, data):
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=Path(path).parent, delete=False, suffix=".tmp") as tmp:
-        json.dump(data, tmp, ensure_ascii=False, indent=2)
-        tmp.flush()
-        os.fsync(tmp.fileno())
+@contextmanager
+def atomic_file(path, **options):
+    """A text file opened for writing beside `path`; once the block succeeds it replaces `path` in one rename, with the
+    permissions of any file the user creates (their umask), not the temporary file's private ones."""
+    path = Path(path)
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, delete=False, suffix=".tmp", **options) as tmp:
+        try:
+            yield tmp
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        except BaseException:
+            tmp.close()
+            os.unlink(tmp.name)
+            raise
     os.chmod(tmp.name, 0o666 & ~_UMASK)
     os.replace(tmp.name, path)
+
+
+def write_json_atomic(path, data):
+    with atomic_file(path) as handle:
+        json.dump(data, handle, ensure_ascii=False, indent=2)
 
 
 def write_checkpoint(directory, model, tokenizer, info, training_state=None):
@@ -121,10 +158,12 @@ def load_checkpoint(directory, expected_method=None):
     info = read_info(directory)
     if expected_method and info["method"] != expected_method:
         raise CheckpointError(f"{directory} holds a {info['method']} checkpoint; use {info['method']}/predict.py for it")
-    tokenizer = load_tokenizer(directory)
+    base = base_model_of(info)
+    # the tokenizer is always the base's own; a shipped checkpoint may leave it out (e5's tokenizer.json is 17 MB)
+    tokenizer = load_tokenizer(directory if (directory / "tokenizer_config.json").is_file() else base)
     method = method_module(info["method"])
     try:
-        model = method.build(base_model_of(info), tokenizer, info["method_settings"], weights_from=directory)
+        model = method.build(base, tokenizer, info["method_settings"], weights_from=directory)
     except CheckpointError:
         raise
     except Exception as error:

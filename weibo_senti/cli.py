@@ -29,7 +29,8 @@ def _help_texts(script_path):
 
 
 def parse_config(script_globals, argv=None, positional=None):
-    """Return the script's constants, overridden by any --flags, as a namespace with lower_case names.
+    """Return the script's constants, overridden by any --flags, as a namespace with lower_case names; its `given`
+    is the set of names set on the command line (the rest are the script's constants).
 
     positional: optional (name, help) of a list of positional arguments, e.g. the checkpoints compare.py takes."""
     constants = {
@@ -41,6 +42,7 @@ def parse_config(script_globals, argv=None, positional=None):
     parser = argparse.ArgumentParser(
         description=(script_globals.get("__doc__") or "").strip(),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # so that `given` sees every flag by its full name
     )
     for name, default in constants.items():
         flag = "--" + name.lower().replace("_", "-")
@@ -55,7 +57,15 @@ def parse_config(script_globals, argv=None, positional=None):
         parser.add_argument(flag, dest=name.lower(), **kwargs)
     if positional:
         parser.add_argument(positional[0], nargs="*", type=Path, help=positional[1])
-    return SimpleNamespace(**vars(parser.parse_args(argv)))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg = SimpleNamespace(**vars(parser.parse_args(argv)))
+    cfg.given = {
+        action.dest
+        for action in parser._actions
+        for flag in action.option_strings
+        if any(arg == flag or arg.startswith(flag + "=") for arg in argv)
+    }
+    return cfg
 
 
 def main(function):

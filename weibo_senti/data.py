@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import accuracy_score, f1_score
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 from sklearn.model_selection import train_test_split
 from . import UserError
 
@@ -36,6 +36,20 @@ def scores(labels, predictions):
     }
 
 
+def detailed_scores(labels, predictions):
+    """scores() plus precision and recall per class and the confusion matrix (rows: true label, columns: predicted),
+    as the original scripts' evaluation listed them."""
+    precision, recall, _, support = precision_recall_fscore_support(labels, predictions, labels=[0, 1], zero_division=0)
+    return {
+        **scores(labels, predictions),
+        "per_class": {
+            name: {"precision": float(precision[i]), "recall": float(recall[i]), "support": int(support[i])}
+            for i, name in enumerate(LABEL_NAMES)
+        },
+        "confusion_matrix": confusion_matrix(labels, predictions, labels=[0, 1]).tolist(),
+    }
+
+
 def strip_emoticons(text):
     return EMOTICON_TAG.sub("", text)
 
@@ -46,10 +60,13 @@ def _rows(row_numbers, shown=8):
     return listed + (f" and {more:,} more" if more > 0 else "")
 
 
-def read_csv_text(path):
-    """The CSV as a DataFrame of strings; a clear DataError when the file is missing, not UTF-8 or not CSV."""
+def read_csv_text(path, hint=PUBLIC_DATASET_HINT):
+    """The CSV as a DataFrame of strings; a clear DataError when the file is missing, not UTF-8 or not CSV.
+    hint: what to do when the file is missing (where to get the training data; None for files to score)."""
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, not a CSV file: give the path of the .csv file itself")
     if not path.is_file():
-        raise DataError(f"data file not found: {path}\n{PUBLIC_DATASET_HINT}")
+        raise DataError(f"file not found: {path}" + (f"\n{hint}" if hint else ""))
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
@@ -214,9 +231,13 @@ class LengthGroupedBatches:
         return -(-len(self.lengths) // self.batch_size)
 
 
-def make_collate(pad_token_id):
+def make_collate(pad_token_id, pad_to_multiple_of=1):
+    """Pad each batch to its longest text, rounded up to a multiple of `pad_to_multiple_of`: in bf16, few distinct
+    shapes let oneDNN reuse its compiled kernels (measured 1.17x faster steps at 8 on a 2-core CPU)."""
+
     def collate(items):
         longest = max(len(item["input_ids"]) for item in items)
+        longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
         input_ids = torch.full((len(items), longest), pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(items), longest), dtype=torch.long)
         for row, item in enumerate(items):

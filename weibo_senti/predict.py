@@ -4,16 +4,16 @@ import json
 import os
 import re
 import sys
-import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, pipeline
 
-from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, read_info
-from .data import DataError, read_csv_text, scores
-from .models import MODELS_DIR, load_tokenizer, resolve_model
+from .checkpoint import CheckpointError, atomic_file, find_checkpoint, load_checkpoint, read_info
+from .data import MISSING_TEXT_MARKERS, DataError, read_csv_text, scores
+from .models import MIXED_PRECISIONS, MODELS_DIR, PAD_TO_MULTIPLE_OF, autocast, load_tokenizer, resolve_mixed_precision, resolve_model
 
 SENTIMENTS = ("负面情感", "正面情感")  # label 0, label 1, as the original console printed them
 DEFAULT_MAX_LENGTH = 128
@@ -30,13 +30,30 @@ def clean_text(text):
     return re.sub(r"\s+", " ", text).strip()
 
 
+def text_problem(text):
+    """Why `text` cannot be scored, or None: every input gets a result or a named error, never a traceback."""
+    if not isinstance(text, str):
+        return f"not text ({type(text).__name__})"
+    if not text.strip():
+        return "empty text"
+    if "\x00" in text:
+        return "contains a NUL character (binary data?)"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return f"not valid Unicode at character {error.start} (an unpaired surrogate)"
+    return None
+
+
 class Classifier:
     """A loaded model with its tokenizer; predict() takes any number of texts and batches them by length."""
 
-    def __init__(self, model, tokenizer, max_length, source, use_pipeline=False, clean=False):
+    def __init__(self, model, tokenizer, max_length, source, use_pipeline=False, clean=False, mixed_precision="no"):
         if model.config.num_labels != 2:
             raise CheckpointError(f"{source}: a two-class (negative, positive) classifier is needed, it has {model.config.num_labels} labels")
         self.model, self.tokenizer, self.max_length, self.source, self.clean = model.eval(), tokenizer, max_length, source, clean
+        # weights stay as they are; 'bf16' runs the forward pass under autocast
+        self.precision, self.precision_reason = resolve_mixed_precision(mixed_precision, model.device.type)
         self.pipeline = None
         if use_pipeline:
             # A PeftModel's base model carries the LoRA layers and the trained head, so the pipeline sees the trained model.
@@ -71,10 +88,13 @@ class Classifier:
             return self._pipeline_probabilities(texts, batch_size)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         result = np.zeros((len(texts), 2), dtype=np.float32)
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(self.precision, self.model.device.type):
             for start in range(0, len(order), batch_size):
                 chunk = order[start:start + batch_size]
-                encoded = self.tokenizer([texts[i] for i in chunk], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+                encoded = self.tokenizer(
+                    [texts[i] for i in chunk], padding=True, truncation=True, max_length=self.max_length,
+                    pad_to_multiple_of=PAD_TO_MULTIPLE_OF[self.precision], return_tensors="pt",
+                )
                 encoded = {key: value.to(self.model.device) for key, value in encoded.items() if key in ("input_ids", "attention_mask")}
                 logits = self.model(**encoded).logits
                 result[chunk] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
@@ -82,7 +102,8 @@ class Classifier:
 
     def _pipeline_probabilities(self, texts, batch_size):
         label2id = self.model.config.label2id
-        outputs = self.pipeline(texts, batch_size=batch_size, truncation=True, max_length=self.max_length)
+        with autocast(self.precision, self.model.device.type):
+            outputs = self.pipeline(texts, batch_size=batch_size, truncation=True, max_length=self.max_length)
         result = np.zeros((len(texts), 2), dtype=np.float32)
         for row, scores in enumerate(outputs):
             for score in scores:
@@ -96,6 +117,23 @@ class Classifier:
             {"label": int(label), "sentiment": SENTIMENTS[label], "confidence": float(p[label]), "prob_positive": float(p[1])}
             for label, p in zip(labels, probabilities)
         ]
+
+    def predict_each(self, texts, batch_size=64):
+        """One entry per text, in order: predict()'s result, or {"error": why} for a text that cannot be scored.
+        A batch that fails is retried text by text, so one bad text never costs the others their results."""
+        texts = list(texts)
+        results = [{"error": problem} if (problem := text_problem(text)) else None for text in texts]
+        good = [i for i, result in enumerate(results) if result is None]
+        try:
+            for i, result in zip(good, self.predict([texts[i] for i in good], batch_size)):
+                results[i] = result
+        except Exception:
+            for i in good:
+                try:
+                    results[i] = self.predict([texts[i]])[0]
+                except Exception as error:
+                    results[i] = {"error": f"cannot be scored: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"}
+        return results
 
 
 def console(classifier, read=input):
@@ -121,42 +159,85 @@ def console(classifier, read=input):
         print(f"预测结果: {result['sentiment']} (置信度: {result['confidence']:.4f})")
 
 
+RESULT_COLUMNS = ("pred_label", "sentiment", "confidence", "prob_positive", "error")
+
+
+def output_path(path, out):
+    """Where --file's results go, checked before any scoring: an output that cannot be written fails at once."""
+    out = Path(out) if out else path.with_name(path.stem + ".predictions.csv")
+    if not out.parent.is_dir():
+        raise DataError(f"--out {out}: the folder {out.parent} does not exist; create it first or choose another --out")
+    if not os.access(out.parent, os.W_OK):
+        raise DataError(f"--out {out}: the folder {out.parent} is not writable")
+    return out
+
+
 def score_file(classifier, path, column, out, batch_size):
-    table = read_csv_text(path)
+    """Adds RESULT_COLUMNS to the CSV; rows that cannot be scored keep empty results and say why in 'error'.
+    Returns the number of such rows."""
+    table = read_csv_text(path, hint=None)
     if column not in table.columns:
         raise DataError(f"{path}: no column '{column}' (columns: {', '.join(table.columns)}); choose one with --column")
-    results = classifier.predict(table[column].tolist(), batch_size)
-    table["pred_label"] = [r["label"] for r in results]
-    for key in ("sentiment", "confidence", "prob_positive"):
-        table[key] = [r[key] for r in results]
-    out = out or path.with_name(path.stem + ".predictions.csv")
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", newline="", dir=out.parent, delete=False, suffix=".tmp") as tmp:
-        table.to_csv(tmp, index=False)
-    os.replace(tmp.name, out)
-    print(f"scored {len(table):,} texts from {path} -> {out}", file=sys.stderr)
-    if "label" in table.columns and table["label"].isin(["0", "1"]).all():
-        against_labels = scores(table["label"].astype(int), table["pred_label"])
+    if table.empty:
+        raise DataError(f"{path}: the file has a header but no rows: nothing to score")
+    texts = ["" if text in MISSING_TEXT_MARKERS else text for text in table[column]]  # empty or NaN cells: skipped, said why
+    results = classifier.predict_each(texts, batch_size)
+    for key in RESULT_COLUMNS:
+        source = "label" if key == "pred_label" else key
+        table[key] = [result.get(source, "") for result in results]
+    failed = sum("error" in result for result in results)
+    with atomic_file(out, newline="") as handle:
+        table.to_csv(handle, index=False, lineterminator="\r\n")  # RFC 4180; also makes csv quote a text holding a lone \r
+    print(f"scored {len(table) - failed:,} of {len(table):,} texts from {path} -> {out}", file=sys.stderr)
+    if failed:
+        reasons = Counter(result["error"] for result in results if "error" in result)
+        print(f"{failed:,} rows not scored (see the 'error' column): " + "; ".join(f"{n:,} {why}" for why, n in reasons.most_common()), file=sys.stderr)
+    scored = table[table["error"] == ""]
+    if len(scored) and "label" in scored.columns and scored["label"].isin(["0", "1"]).all():
+        against_labels = scores(scored["label"].astype(int), scored["pred_label"].astype(int))
         print(f"against its 'label' column: accuracy {against_labels['accuracy']:.4f}, macro-F1 {against_labels['macro_f1']:.4f}", file=sys.stderr)
+    return failed
 
 
 def score_stream(classifier, lines, out, batch_size, chunk_lines=1024):
-    """One text per input line, one JSON object per output line, in chunks so a long stream starts answering at once."""
-    chunk = []
-    for line in lines:
-        text = line.rstrip("\r\n")
-        if text.strip():
-            chunk.append(text)
+    """One text per input line (bytes or str), one JSON object per output line, in input order, in chunks so that a
+    long stream starts answering at once. A line that cannot be scored gets {"line", "error"} there and a message on
+    stderr; the others are scored all the same. Returns the number of such lines."""
+    chunk, failed = [], 0
+    for number, line in enumerate(lines, start=1):
+        if isinstance(line, bytes):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                line = _NotText(f"not UTF-8 (byte {error.start}: {line[error.start:error.start + 4]!r})")
+        chunk.append((number, line if isinstance(line, _NotText) else line.rstrip("\r\n")))
         if len(chunk) == chunk_lines:
-            _write_json_lines(classifier, chunk, out, batch_size)
+            failed += _write_json_lines(classifier, chunk, out, batch_size)
             chunk = []
     if chunk:
-        _write_json_lines(classifier, chunk, out, batch_size)
+        failed += _write_json_lines(classifier, chunk, out, batch_size)
+    return failed
 
 
-def _write_json_lines(classifier, texts, out, batch_size):
-    for text, result in zip(texts, classifier.predict(texts, batch_size)):
-        out.write(json.dumps({"text": text, **result}, ensure_ascii=False) + "\n")
+class _NotText(str):
+    """A stdin line that could not be decoded; its value is the reason."""
+
+
+def _write_json_lines(classifier, numbered, out, batch_size):
+    texts = [None if isinstance(text, _NotText) else text for _, text in numbered]
+    failed = 0
+    for (number, text), result in zip(numbered, classifier.predict_each(texts, batch_size)):
+        if "error" in result:
+            failed += result["error"] != "empty text"
+            why = str(text) if isinstance(text, _NotText) else result["error"]
+            row = {"line": number, "skipped" if result["error"] == "empty text" else "error": why}
+            if "error" in row:
+                print(f"line {number}: {why}", file=sys.stderr)
+        else:
+            row = {"line": number, "text": text, **result}
+        out.write(json.dumps(row, ensure_ascii=False) + "\n")
     out.flush()
+    return failed
 
 
 def default_checkpoint(trained, method):
@@ -192,16 +273,30 @@ def main(trained_checkpoint, method, argv=None):
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--pipeline", action="store_true", help="score through transformers pipeline('text-classification')")
     parser.add_argument("--clean", action="store_true", help="remove {%%...%%} tags, @user, 【...】, zero-width characters and emoji first")
+    parser.add_argument(
+        "--mixed-precision", default="auto", choices=MIXED_PRECISIONS,
+        help="auto: bf16 where the CPU or GPU computes it natively (same labels as fp32 on >= 99.5%% of texts, see README), else fp32",
+    )
     args = parser.parse_args(argv)
+    if args.text is not None and not args.text.strip():
+        raise DataError("--text is empty: give the text to score")
+    out = output_path(args.file, args.out) if args.file is not None else None  # before the model loads
 
     checkpoint = args.checkpoint or default_checkpoint(Path(trained_checkpoint), method)
-    classifier = Classifier.load(checkpoint, expected_method=method, use_pipeline=args.pipeline, clean=args.clean)
+    classifier = Classifier.load(
+        checkpoint, expected_method=method, use_pipeline=args.pipeline, clean=args.clean, mixed_precision=args.mixed_precision
+    )
+    print(f"precision: {'fp32' if classifier.precision == 'no' else classifier.precision} ({classifier.precision_reason})", file=sys.stderr)
     if args.text is not None:
-        result = classifier.predict([args.text])[0]
+        result = classifier.predict_each([args.text])[0]
+        if "error" in result:
+            raise DataError(f"--text: {result['error']}; give the text to score")
         print(f"{result['sentiment']} (置信度: {result['confidence']:.4f})")
     elif args.file is not None:
-        score_file(classifier, args.file, args.column, args.out, args.batch_size)
+        if score_file(classifier, args.file, args.column, out, args.batch_size):
+            raise SystemExit(1)
     elif not sys.stdin.isatty():
-        score_stream(classifier, sys.stdin, sys.stdout, args.batch_size)
+        if score_stream(classifier, sys.stdin.buffer, sys.stdout, args.batch_size):
+            raise SystemExit(1)  # some lines failed: each is named on stderr and in the output
     else:
         console(classifier)

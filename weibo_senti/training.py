@@ -5,8 +5,10 @@ texts as they are and with the emoticon tags removed; keep the best-macro-F1 che
 the state to resume from in OUTPUT_DIR/last, and every epoch's metrics in OUTPUT_DIR/training_log.json.
 """
 import json
+import os
 import platform
 import time
+from pathlib import Path
 
 import peft
 import torch
@@ -14,14 +16,17 @@ import torch.nn.functional as F
 import transformers
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
+from filelock import FileLock, Timeout
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_linear_schedule_with_warmup
+from transformers import AutoConfig, AutoModelForSequenceClassification, get_linear_schedule_with_warmup
 
 from . import UserError, repo_relative
 from .checkpoint import (
     BASE_FAMILY,
+    LOCK_FILE,
     LOG_FILE,
+    CheckpointError,
     TRAINING_STATE_FILE,
     find_checkpoint,
     method_module,
@@ -32,7 +37,7 @@ from .checkpoint import (
 from .data import (
     LABEL_NAMES, EncodedTexts, LengthGroupedBatches, load_labelled_csv, make_collate, scores, split_train_val, strip_emoticons,
 )
-from .models import MINI_MODELS, load_tokenizer, resolve_model
+from .models import MINI_MODELS, OFFLINE_IMPORTS, PAD_TO_MULTIPLE_OF, fine_tuning_defaults, load_tokenizer, resolve_mixed_precision, resolve_model
 
 # settings that must not change between a run and its --resume
 RUN_IDENTITY = (
@@ -67,7 +72,8 @@ def evaluate(model, loader, accelerator):
 
 
 def _run_identity(cfg):
-    return {key: str(getattr(cfg, key)) for key in RUN_IDENTITY}
+    # a path inside the repository is recorded relative to it, so the record names no folder of this machine
+    return {key: repo_relative(value) if isinstance(value := getattr(cfg, key), Path) else str(value) for key in RUN_IDENTITY}
 
 
 def _resume_state(cfg, last_dir, method_name, settings):
@@ -80,38 +86,151 @@ def _resume_state(cfg, last_dir, method_name, settings):
     changed = [f"{key}: {recorded.get(key)} -> {current[key]}" for key in current if recorded.get(key) != current[key]]
     if changed:
         raise UserError(f"--resume: these settings differ from the run in {last_dir}: " + "; ".join(changed))
-    return last_dir, torch.load(last_dir / TRAINING_STATE_FILE, weights_only=True)
+    try:
+        state = torch.load(last_dir / TRAINING_STATE_FILE, weights_only=True)
+    except Exception as error:
+        raise CheckpointError(
+            f"--resume: {last_dir / TRAINING_STATE_FILE} is damaged ({type(error).__name__}: {str(error).splitlines()[0][:200]}), "
+            "so the run cannot continue from it. Start again with --overwrite (best/ is kept until the new run saves a better one)."
+        ) from None
+    return last_dir, state
+
+
+def _mixed_precision(cfg):
+    """The precision to train in: --mixed-precision when given, else `accelerate launch --mixed_precision`, else the
+    script's constant (auto)."""
+    choice = cfg.mixed_precision
+    if "mixed_precision" not in cfg.given and os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        choice = os.environ["ACCELERATE_MIXED_PRECISION"]
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    return resolve_mixed_precision(choice, "cuda" if torch.cuda.is_available() and not use_cpu else "cpu")
+
+
+def apply_base_defaults(cfg, base_path, method_name):
+    """Settings not given on the command line come from what was measured best on this base (its fine_tuning.json):
+    the script's constants were chosen for the configured hub model. Returns a line saying what changed."""
+    defaults = {key: value for key, value in fine_tuning_defaults(base_path, method_name).items() if key not in cfg.given}
+    changed = {key: value for key, value in defaults.items() if getattr(cfg, key) != value}
+    for key, value in changed.items():
+        setattr(cfg, key, value)
+    if not changed:
+        return None
+    listed = ", ".join(f"--{key.replace('_', '-')} {value}" for key, value in changed.items())
+    return f"settings measured best on {repo_relative(base_path)}, used where not given on the command line: {listed}"
+
+
+# flag -> (test, what is allowed); checked before any work, for flags and for constants edited at the top of a script
+SETTING_RANGES = {
+    "epochs": (lambda v: v >= 1, "an integer >= 1"),
+    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "lr": (lambda v: v > 0, "> 0"),
+    "warmup_ratio": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+    "max_length": (lambda v: v >= 2, "an integer >= 2"),
+    "val_fraction": (lambda v: 0 < v < 1, "between 0 and 1, both excluded"),
+    "max_samples": (lambda v: v >= 0, "an integer >= 0 (0: all rows)"),
+    "emoticon_drop": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+    "adapter_size": (lambda v: v >= 1, "an integer >= 1"),
+    "lora_r": (lambda v: v >= 1, "an integer >= 1"),
+    "lora_alpha": (lambda v: v > 0, "> 0"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "at least 0 and below 1"),
+}
+
+
+def check_settings(cfg):
+    for name, (allowed, description) in SETTING_RANGES.items():
+        if hasattr(cfg, name) and not allowed(getattr(cfg, name)):
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} {getattr(cfg, name)} ({name.upper()}): out of range, must be {description}")
+
+
+def check_against_model(cfg, base_path, method, settings):
+    """What depends on the base: positions for --max-length, and what the method needs of the model (its blocks,
+    its target modules), checked on a skeleton of the model with no weights, before any data is read."""
+    config = AutoConfig.from_pretrained(base_path, num_labels=len(LABEL_NAMES))
+    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if positions and cfg.max_length > positions:
+        raise UserError(f"--max-length {cfg.max_length} (MAX_LENGTH): out of range, {base_path.name} has {positions} positions, so at most {positions}")
+    if hasattr(method, "check"):
+        with torch.device("meta"):
+            skeleton = AutoModelForSequenceClassification.from_config(config)
+        method.check(skeleton, settings)
+
+
+def _refuse_to_replace(cfg):
+    """A finished or interrupted run in OUTPUT_DIR is kept unless --resume or --overwrite says what to do with it."""
+    best, last = find_checkpoint(cfg.output_dir / "best"), find_checkpoint(cfg.output_dir / "last")
+    if cfg.resume or cfg.overwrite or not (best.is_dir() or last.is_dir()):
+        return
+    try:
+        held = f" (its best validation macro-F1: {read_info(best)['metrics']['val_macro_f1']:.4f})"
+    except Exception:
+        held = ""
+    raise UserError(
+        f"{cfg.output_dir} already holds a training run{held}. --resume continues it, --overwrite replaces it, "
+        "or choose another --output-dir"
+    )
+
+
+def _lock(output_dir):
+    """Hold OUTPUT_DIR for this run: a second run into the same folder stops at once instead of mixing checkpoints."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(output_dir / LOCK_FILE)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise UserError(f"another training run is writing to {output_dir} (it holds {output_dir / LOCK_FILE}); "
+                        "wait for it to finish, or choose another --output-dir") from None
+    return lock
 
 
 def run(cfg, method_name):
-    accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed))
+    check_settings(cfg)
+    precision, why = _mixed_precision(cfg)
+    accelerator = Accelerator(
+        mixed_precision=precision, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed)
+    )
+    lock = _lock(cfg.output_dir) if accelerator.is_main_process else None
+    try:
+        _refuse_to_replace(cfg)
+        return _run(cfg, method_name, accelerator, why)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(cfg, method_name, accelerator, why):
     say = accelerator.print
     method = method_module(method_name)
-    settings = method.settings(cfg)
     best_dir, last_dir, log_path = cfg.output_dir / "best", cfg.output_dir / "last", cfg.output_dir / LOG_FILE
+
+    mini_model = MINI_MODELS[BASE_FAMILY[method_name]]
+    base_path = resolve_model(cfg.model, fallback=mini_model)
+    note = apply_base_defaults(cfg, base_path, method_name)
+    check_settings(cfg)
+    settings = method.settings(cfg)
+    check_against_model(cfg, base_path, method, settings)
+    # record the base actually used: a stand-in for the hub model (the embedded mini model, the e5 import) by its
+    # place in the repository, so that a checkpoint never claims a base it was not trained on, and is found anywhere
+    stand_in = base_path == mini_model or base_path in OFFLINE_IMPORTS.values()
+    base_model = repo_relative(base_path) if stand_in else str(cfg.model)
+    resume_dir, state = _resume_state(cfg, last_dir, method_name, settings) if cfg.resume else (None, None)
 
     table, report = load_labelled_csv(cfg.data)
     say(report)
     train_rows, val_rows = split_train_val(table, cfg.val_fraction, cfg.seed, cfg.max_samples)
     say(f"train: {len(train_rows):,} rows, validation: {len(val_rows):,} rows (seed {cfg.seed})")
-
-    mini_model = MINI_MODELS[BASE_FAMILY[method_name]]
-    base_path = resolve_model(cfg.model, fallback=mini_model)
-    # record the base actually used: the embedded mini model by its place in the repository, so it is found anywhere
-    base_model = repo_relative(mini_model) if base_path == mini_model else str(cfg.model)
+    if note:
+        say(note)
     tokenizer = load_tokenizer(base_path)
-    resume_dir, state = _resume_state(cfg, last_dir, method_name, settings) if cfg.resume else (None, None)
-    if not cfg.resume and find_checkpoint(last_dir).is_dir():
-        say(f"note: {cfg.output_dir} holds an earlier run; this new run replaces it (--resume continues it instead)")
     set_seed(cfg.seed)
     model = method.build(base_path, tokenizer, settings, weights_from=resume_dir)
     say(f"base model: {base_model} ({base_path})")
-    say(f"device: {accelerator.device}, processes: {accelerator.num_processes}, mixed precision: {accelerator.mixed_precision}")
+    say(f"device: {accelerator.device}, processes: {accelerator.num_processes}, mixed precision: {accelerator.mixed_precision} ({why})")
     say(describe_parameters(model))
     if hasattr(method, "describe"):
         say(method.describe(model))
 
-    collate = make_collate(tokenizer.pad_token_id)
+    collate = make_collate(tokenizer.pad_token_id, PAD_TO_MULTIPLE_OF[accelerator.mixed_precision])
     train_set = EncodedTexts(train_rows["review"], train_rows["label"], tokenizer, cfg.max_length, cfg.emoticon_drop)
     if cfg.group_by_length:
         batches = LengthGroupedBatches([len(ids) for ids in train_set.input_ids], cfg.batch_size)
@@ -148,6 +267,7 @@ def run(cfg, method_name):
         "requested_base_model": str(cfg.model),
         "base_model_path": repo_relative(base_path),
         "max_length": cfg.max_length,
+        "mixed_precision": accelerator.mixed_precision,  # what it trained in; the saved weights stay fp32
         "labels": list(LABEL_NAMES),
         "run": _run_identity(cfg),
         "data_rows": {"train": len(train_rows), "val": len(val_rows)},
@@ -189,7 +309,6 @@ def run(cfg, method_name):
             f"epoch {epoch + 1}: train loss {entry['train_loss']:.4f} | validation acc {entry['val_accuracy']:.4f} "
             f"macro-F1 {entry['val_macro_f1']:.4f} | without emoticons acc {entry['val_no_emoticons_accuracy']:.4f} "
             f"macro-F1 {entry['val_no_emoticons_macro_f1']:.4f} | {train_seconds:.0f}s"
-            + (f" | new best, saved to {best_dir}" if improved else "")
         )
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -200,6 +319,8 @@ def run(cfg, method_name):
             training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch, "best_f1": best_f1}
             write_checkpoint(last_dir, unwrapped, tokenizer, epoch_info, training_state=training_state)
             write_json_atomic(log_path, log)
+            if improved:
+                say(f"new best, saved to {best_dir}")
         accelerator.wait_for_everyone()
     say(f"best validation macro-F1 {best_f1:.4f}; checkpoint: {best_dir}")
     return log
