@@ -1,5 +1,5 @@
 """Compare trained checkpoints on one seeded validation split: accuracy and macro-F1 (plain and without emoticons),
-trainable parameters, checkpoint size, training time, inference speed and peak memory.
+precision and recall per class and the confusion matrix, trainable parameters, checkpoint size, training time, inference speed and peak memory.
 
 python compare.py                                 # every adapter_tuning|lora|bert_lora/output/best
 python compare.py lora/output/best other/best --extra more.csv,other.csv
@@ -25,17 +25,18 @@ MAX_SAMPLES = 0  # evaluate on the validation part of a subset of this many rows
 EXTRA = ""  # comma-separated extra label,review CSV files, each reported on its own
 BATCH_SIZE = 64  # texts per batch for the batched measurements
 SINGLE_TEXTS = 50  # texts predicted one at a time for the ms-per-text figure
+MIXED_PRECISION = "auto"  # of prediction: auto (bf16 where the CPU or GPU computes it natively, else fp32), no, bf16, fp16
 RESULTS_DIR = Path("results")  # where comparison.md and comparison.png go
 
 
-def measure(checkpoint, text_sets, batch_size, single_texts):
+def measure(checkpoint, text_sets, batch_size, single_texts, mixed_precision):
     """Runs in a child process, so that its peak memory is this model's alone."""
     import torch
 
-    from weibo_senti.data import scores
+    from weibo_senti.data import detailed_scores
     from weibo_senti.predict import Classifier
 
-    classifier = Classifier.load(checkpoint)
+    classifier = Classifier.load(checkpoint, mixed_precision=mixed_precision)
     first = next(iter(text_sets.values()))
     classifier.probabilities(first["texts"][:batch_size], batch_size)  # warm-up
     result = {"scores": {}}
@@ -43,7 +44,7 @@ def measure(checkpoint, text_sets, batch_size, single_texts):
         started = time.perf_counter()
         probabilities = classifier.probabilities(data["texts"], batch_size)
         seconds = time.perf_counter() - started
-        result["scores"][name] = scores(data["labels"], probabilities.argmax(axis=1))
+        result["scores"][name] = detailed_scores(data["labels"], probabilities.argmax(axis=1))
         if name == "val":
             result["batched_texts_per_second"] = len(data["texts"]) / seconds
     singles = []
@@ -53,6 +54,7 @@ def measure(checkpoint, text_sets, batch_size, single_texts):
         singles.append(time.perf_counter() - started)
     result["ms_per_single_text"] = 1000 * statistics.median(singles)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["precision"] = classifier.precision
     if torch.cuda.is_available():
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return result
@@ -144,12 +146,28 @@ def write_markdown(rows, text_sets, cfg, command, path):
             + f"{_fmt(row['seconds_per_epoch'], '.0f')} | {row['batched_texts_per_second']:.0f} | "
             f"{row['ms_per_single_text']:.1f} | {row['peak_rss_mb']:.0f} |"
         )
+    lines += [
+        "",
+        "Per class (precision / recall) and the confusion matrix `[[true neg -> neg, neg -> pos], [pos -> neg, pos -> pos]]`:",
+        "",
+        "| method | base model | texts | negative P / R | positive P / R | confusion matrix |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        for name in ("val", "val_no_emoticons"):
+            detail = row["scores"][name]
+            classes = detail["per_class"]
+            lines.append(
+                f"| {row['method']} | {row['base_model']} | {'as they are' if name == 'val' else 'no emoticons'} | "
+                f"{classes['negative']['precision']:.4f} / {classes['negative']['recall']:.4f} | "
+                f"{classes['positive']['precision']:.4f} / {classes['positive']['recall']:.4f} | {detail['confusion_matrix']} |"
+            )
     warnings = [row["warning"] for row in rows if row["warning"]]
     lines += [""] + [f"- warning: {w}" for w in warnings]
     lines += [
         "",
         "Checkpoint: the trained weights only (`*.safetensors`). Train s/epoch: mean over the epochs in `training_log.json`. "
-        f"Batched: the whole validation set in length-sorted batches of {cfg.batch_size}. Single: median of {cfg.single_texts} "
+        f"Prediction ran in {', '.join(sorted({'fp32' if row['precision'] == 'no' else row['precision'] for row in rows}))}. Batched: the whole validation set in length-sorted batches of {cfg.batch_size}. Single: median of {cfg.single_texts} "
         "one-text calls. Peak RSS: the measuring process, Python and libraries included.",
     ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -192,7 +210,7 @@ def main(argv=None):
     for checkpoint in tqdm(checkpoints, desc="evaluating checkpoints"):
         row = checkpoint_facts(checkpoint, cfg)
         with context.Pool(1) as pool:
-            row.update(pool.apply(_measure_in_child, ((checkpoint, text_sets, cfg.batch_size, cfg.single_texts),)))
+            row.update(pool.apply(_measure_in_child, ((checkpoint, text_sets, cfg.batch_size, cfg.single_texts, cfg.mixed_precision),)))
         rows.append(row)
         if row["warning"]:
             print(f"warning: {row['warning']}", file=sys.stderr)

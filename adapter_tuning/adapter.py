@@ -1,10 +1,12 @@
-"""Bottleneck adapters after every GPT-2 block; the base model stays frozen, adapters and the score head train."""
+"""Bottleneck adapters after every transformer block (GPT-2 blocks, or the layers of a BERT-family encoder); the base
+model stays frozen, adapters and the classification head train."""
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from weibo_senti import UserError
-from weibo_senti.models import load_base_classifier
+from weibo_senti.checkpoint import CheckpointError
+from weibo_senti.models import HEAD_MODULES, load_base_classifier
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 
@@ -40,8 +42,29 @@ class GPT2BlockWithAdapter(nn.Module):
         return self.adapter(output)  # transformers 5.x returns the hidden states alone
 
 
+class BertLayerWithAdapter(GPT2BlockWithAdapter):
+    """The same wrapper around a layer of a BERT-family encoder (BertLayer, and the like)."""
+
+
+def _blocks(model):
+    """(the list of transformer blocks to wrap, the wrapper class) for a GPT-2 or BERT-family classifier."""
+    if model.config.model_type == "gpt2":
+        return model.transformer.h, GPT2BlockWithAdapter
+    encoder = getattr(model.base_model, "encoder", None)
+    if encoder is not None and isinstance(getattr(encoder, "layer", None), nn.ModuleList):
+        return encoder.layer, BertLayerWithAdapter
+    raise UserError(
+        f"adapter tuning wraps GPT-2 blocks or the layers of a BERT-family encoder; this is a {model.config.model_type} model"
+    )
+
+
 def settings(cfg):
     return {"adapter_size": cfg.adapter_size}
+
+
+def check(model, settings):
+    """Before any work: the model has blocks this method can wrap (UserError otherwise)."""
+    _blocks(model)
 
 
 def _trainable_names(model):
@@ -50,18 +73,18 @@ def _trainable_names(model):
 
 def build(base_path, tokenizer, settings, weights_from=None):
     model, not_in_base = load_base_classifier(base_path, tokenizer)
-    if model.config.model_type != "gpt2":
-        raise UserError(f"adapter tuning wraps GPT-2 blocks; {base_path} is a {model.config.model_type} model")
+    blocks, wrapper = _blocks(model)
     for parameter in model.parameters():
         parameter.requires_grad = False
-    hidden_size = model.config.hidden_size
-    blocks = model.transformer.h
     for index in range(len(blocks)):
-        blocks[index] = GPT2BlockWithAdapter(blocks[index], hidden_size, settings["adapter_size"])
-    for name in ["score", *not_in_base]:
+        blocks[index] = wrapper(blocks[index], model.config.hidden_size, settings["adapter_size"])
+    for name in [*(head for head in HEAD_MODULES if hasattr(model, head)), *not_in_base]:
         for parameter in model.get_submodule(name).parameters():
             parameter.requires_grad = True
     if weights_from is not None:
+        if not (weights_from / WEIGHTS_FILE).is_file():
+            raise CheckpointError(f"{weights_from} is missing {WEIGHTS_FILE}, the trained adapters: it was copied incompletely or "
+                                  "damaged. Copy the whole folder again, or train anew.")
         weights = load_file(weights_from / WEIGHTS_FILE)
         expected = _trainable_names(model)
         if set(weights) != expected:

@@ -62,3 +62,17 @@ def test_a_half_precision_base_is_trained_in_float32(tiny_models, tmp_path):
     lora_settings = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["c_attn"]}
     for model in (adapter.build(half, tokenizer, SETTINGS), lora.build(half, tokenizer, lora_settings)):
         assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_adapters_wrap_the_layers_of_a_bert_encoder_too(tiny_models):
+    from adapter_tuning.adapter import BertLayerWithAdapter
+
+    tokenizer = load_tokenizer(tiny_models["bert"])
+    model = adapter.build(tiny_models["bert"], tokenizer, SETTINGS)
+    assert all(isinstance(layer, BertLayerWithAdapter) for layer in model.bert.encoder.layer)
+    trainable = {name.split(".")[0] if not ".adapter." in name else "adapter" for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"adapter", "classifier", "bert"}  # bert: its pooler, missing from a masked-LM checkpoint
+    assert all(".adapter." in name or ".pooler." in name or name.startswith("classifier.")
+               for name, p in model.named_parameters() if p.requires_grad)
+    batch = tokenizer(["今天好开心[哈哈]", "难过"], padding=True, return_tensors="pt")
+    assert model(**batch).logits.shape == (2, 2)
