@@ -9,7 +9,7 @@ import sys
 
 import pytest
 from filelock import FileLock
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import tiny
@@ -242,6 +242,7 @@ def test_predict_each_gives_one_result_or_one_named_error_per_text_in_order(clas
 
 
 @given(st.lists(ANY_TEXT.filter(lambda t: "\n" not in t and "\r" not in t), min_size=1, max_size=6))
+@example(["0\x85", "a\u2028b"])  # line breaks to str.splitlines(): escaped in the output, so each row stays one line
 @SLOW
 def test_stdin_scorer_answers_every_line_in_order(classifier, texts):
     out = io.StringIO()

@@ -235,9 +235,13 @@ def _write_json_lines(classifier, numbered, out, batch_size):
                 print(f"line {number}: {why}", file=sys.stderr)
         else:
             row = {"line": number, "text": text, **result}
-        out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        out.write(json.dumps(row, ensure_ascii=False).translate(_LINE_BREAKS_ESCAPED) + "\n")
     out.flush()
     return failed
+
+
+# characters that end a line for str.splitlines() and many readers, though JSON allows them raw inside a string
+_LINE_BREAKS_ESCAPED = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
 
 def default_checkpoint(trained, method):
