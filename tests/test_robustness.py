@@ -213,17 +213,18 @@ ANY_TEXT = st.one_of(
     st.builds(lambda a, b: a + "\ud800" + b, st.text(max_size=10), st.text(max_size=10)),  # lone surrogate
     st.just("好" * 5000),
 )
-SLOW = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomize: the same examples on every run, so that CI is repeatable; a new search is a change of max_examples away
+SLOW = settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @given(ANY_TEXT)
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, derandomize=True)
 def test_clean_text_takes_any_string(text):
     assert isinstance(clean_text(text), str)
 
 
 @given(st.lists(st.lists(st.integers(min_value=0, max_value=50), min_size=1, max_size=40), min_size=1, max_size=8))
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, derandomize=True)
 def test_collate_pads_any_batch_of_token_ids(rows):
     batch = make_collate(0)([{"input_ids": row, "labels": 1} for row in rows])
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (len(rows), max(map(len, rows)))
