@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from weibo_senti import REPO_ROOT  # noqa: E402
+from weibo_senti import REPO_ROOT, repo_relative  # noqa: E402
 
 ADAPTER_SETTINGS = {"adapter_size": 64}
 LORA_SETTINGS = {"r": 8, "lora_alpha": 32, "lora_dropout": 0.1, "target_modules": ["c_attn", "c_proj"]}
@@ -237,7 +237,7 @@ def main():
     timed_rows = max(args.batch_size * (args.train_steps + 2), args.batch_size * 200)  # >= 4 windows of length grouping
     predict_texts = val_texts[: args.predict_texts]
 
-    results = {"model": str(args.model), "data": str(args.data), "batch_size": args.batch_size}
+    results = {"model": repo_relative(args.model), "data": repo_relative(args.data), "batch_size": args.batch_size}
     run = in_process if args.smoke else in_child
     for variant in ("ours", "ours_grouped", "ours_grouped_bf16", "reference"):
         print(f"training throughput: {variant} ...", flush=True)
