@@ -5,7 +5,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from weibo_senti import UserError
-from weibo_senti.checkpoint import CheckpointError
+from weibo_senti.checkpoint import require_files
 from weibo_senti.models import HEAD_MODULES, load_base_classifier
 
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -82,9 +82,7 @@ def build(base_path, tokenizer, settings, weights_from=None):
         for parameter in model.get_submodule(name).parameters():
             parameter.requires_grad = True
     if weights_from is not None:
-        if not (weights_from / WEIGHTS_FILE).is_file():
-            raise CheckpointError(f"{weights_from} is missing {WEIGHTS_FILE}, the trained adapters: it was copied incompletely or "
-                                  "damaged. Copy the whole folder again, or train anew.")
+        require_files(weights_from, WEIGHTS_FILE)
         weights = load_file(weights_from / WEIGHTS_FILE)
         expected = _trainable_names(model)
         if set(weights) != expected:

@@ -120,6 +120,16 @@ def write_checkpoint(directory, model, tokenizer, info, training_state=None):
         write_json_atomic(tmp / INFO_FILE, info)
 
 
+def require_files(folder, *names):
+    """Stop with a message naming the first of `names` that `folder`, a checkpoint to load, lacks."""
+    for name in names:
+        if not (Path(folder) / name).is_file():
+            raise CheckpointError(
+                f"{folder} is missing {name}, part of every checkpoint of its kind: it was copied incompletely or damaged. "
+                "Copy the whole folder again, or train anew."
+            )
+
+
 def find_checkpoint(directory):
     """`directory`, or the copy a crash between the two renames of atomic_directory left beside it."""
     directory = Path(directory)

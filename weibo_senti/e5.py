@@ -9,7 +9,6 @@ fp32, and a fast tokenizer that tokenizes as the package does), which AutoModel 
 of ours. The weights are 4-bit-derived: close to the hub's fp32 weights, not the same, and named so.
 """
 import io
-import json
 import struct
 from pathlib import Path
 

@@ -13,11 +13,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from . import UserError, cli, training
-from .checkpoint import CheckpointError, atomic_directory, load_checkpoint
+from .checkpoint import atomic_directory, load_checkpoint, require_files
 from .models import HEAD_MODULES, load_base_classifier
-
-
-ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"  # PEFT's names
 
 
 def settings(cfg):
@@ -44,12 +41,7 @@ def check(model, settings):
 def build(base_path, tokenizer, settings, weights_from=None):
     base, not_in_base = load_base_classifier(base_path, tokenizer)
     if weights_from is not None:
-        for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE):
-            if not (Path(weights_from) / name).is_file():
-                raise CheckpointError(
-                    f"{weights_from} is missing {name}, part of every LoRA checkpoint: it was copied incompletely or "
-                    "damaged. Copy the whole folder again, or train anew."
-                )
+        require_files(weights_from, "adapter_config.json", "adapter_model.safetensors")  # PEFT's names
         return PeftModel.from_pretrained(base, weights_from, is_trainable=True)
     config = LoraConfig(
         task_type=TaskType.SEQ_CLS,

@@ -205,12 +205,7 @@ def score_stream(classifier, lines, out, batch_size, chunk_lines=1024):
     stderr; the others are scored all the same. Returns the number of such lines."""
     chunk, failed = [], 0
     for number, line in enumerate(lines, start=1):
-        if isinstance(line, bytes):
-            try:
-                line = line.decode("utf-8")
-            except UnicodeDecodeError as error:
-                line = _NotText(f"not UTF-8 (byte {error.start}: {line[error.start:error.start + 4]!r})")
-        chunk.append((number, line if isinstance(line, _NotText) else line.rstrip("\r\n")))
+        chunk.append((number, *_decoded(line)))
         if len(chunk) == chunk_lines:
             failed += _write_json_lines(classifier, chunk, out, batch_size)
             chunk = []
@@ -219,20 +214,27 @@ def score_stream(classifier, lines, out, batch_size, chunk_lines=1024):
     return failed
 
 
-class _NotText(str):
-    """A stdin line that could not be decoded; its value is the reason."""
+def _decoded(line):
+    """(text, None) for a stdin line, or (None, why) for one that is not UTF-8."""
+    if isinstance(line, bytes):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            return None, f"not UTF-8 (byte {error.start}: {line[error.start:error.start + 4]!r})"
+    return line.rstrip("\r\n"), None
 
 
-def _write_json_lines(classifier, numbered, out, batch_size):
-    texts = [None if isinstance(text, _NotText) else text for _, text in numbered]
+def _write_json_lines(classifier, chunk, out, batch_size):
     failed = 0
-    for (number, text), result in zip(numbered, classifier.predict_each(texts, batch_size)):
-        if "error" in result:
-            failed += result["error"] != "empty text"
-            why = str(text) if isinstance(text, _NotText) else result["error"]
-            row = {"line": number, "skipped" if result["error"] == "empty text" else "error": why}
-            if "error" in row:
-                print(f"line {number}: {why}", file=sys.stderr)
+    results = classifier.predict_each([text for _, text, _ in chunk], batch_size)
+    for (number, text, undecodable), result in zip(chunk, results):
+        why = undecodable or result.get("error")
+        if why == "empty text":
+            row = {"line": number, "skipped": why}
+        elif why:
+            row = {"line": number, "error": why}
+            failed += 1
+            print(f"line {number}: {why}", file=sys.stderr)
         else:
             row = {"line": number, "text": text, **result}
         out.write(json.dumps(row, ensure_ascii=False).translate(_LINE_BREAKS_ESCAPED) + "\n")
