@@ -1,6 +1,7 @@
 """Turn the UPPER_CASE constants at the top of a script into command-line flags (nanoGPT style).
 
 MAX_LENGTH = 128  # comment      ->  --max-length 128, help text 'comment'
+CHECKPOINT = []  # comment       ->  --checkpoint A --checkpoint B (a list constant makes a repeatable flag)
 
 A relative Path constant is relative to the repository (so a script works from any folder);
 a relative path typed on the command line is relative to where you are, as usual.
@@ -36,7 +37,7 @@ def parse_config(script_globals, argv=None, positional=None):
     constants = {
         name: value
         for name, value in script_globals.items()
-        if name.isupper() and isinstance(value, (bool, int, float, str, Path))
+        if name.isupper() and isinstance(value, (bool, int, float, str, Path, list))
     }
     helps = _help_texts(script_globals["__file__"])
     parser = argparse.ArgumentParser(
@@ -51,6 +52,8 @@ def parse_config(script_globals, argv=None, positional=None):
         kwargs = {"default": default, "help": helps.get(name, " ")}
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif isinstance(default, list):
+            kwargs.update(action="append", default=None, metavar=name)
         else:
             kwargs["type"] = Path if isinstance(default, Path) else type(default)
             kwargs["metavar"] = name
@@ -59,6 +62,9 @@ def parse_config(script_globals, argv=None, positional=None):
         parser.add_argument(positional[0], nargs="*", type=Path, help=positional[1])
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = SimpleNamespace(**vars(parser.parse_args(argv)))
+    for name, default in constants.items():
+        if isinstance(default, list) and getattr(cfg, name.lower()) is None:
+            setattr(cfg, name.lower(), list(default))
     cfg.given = {
         action.dest
         for action in parser._actions

@@ -81,8 +81,9 @@ class Classifier:
         model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32)
         return cls(model, load_tokenizer(folder), DEFAULT_MAX_LENGTH, f"{location} (plain classifier)", **options)
 
-    def probabilities(self, texts, batch_size=64):
-        """[n, 2] array of P(negative), P(positive)."""
+    def probabilities(self, texts, batch_size=64, adapter_names=None):
+        """[n, 2] array of P(negative), P(positive). adapter_names: for a PEFT model holding several adapters, the one
+        to score each text with (one batch may mix them)."""
         texts = [clean_text(t) if self.clean else t for t in texts]
         if self.pipeline is not None:
             return self._pipeline_probabilities(texts, batch_size)
@@ -96,6 +97,8 @@ class Classifier:
                     pad_to_multiple_of=PAD_TO_MULTIPLE_OF[self.precision], return_tensors="pt",
                 )
                 encoded = {key: value.to(self.model.device) for key, value in encoded.items() if key in ("input_ids", "attention_mask")}
+                if adapter_names is not None:
+                    encoded["adapter_names"] = [adapter_names[i] for i in chunk]
                 logits = self.model(**encoded).logits
                 result[chunk] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
         return result
@@ -110,8 +113,8 @@ class Classifier:
                 result[row, label2id[score["label"]]] = score["score"]
         return result
 
-    def predict(self, texts, batch_size=64):
-        probabilities = self.probabilities(list(texts), batch_size)
+    def predict(self, texts, batch_size=64, adapter_names=None):
+        probabilities = self.probabilities(list(texts), batch_size, adapter_names)
         labels = probabilities.argmax(axis=1)
         return [
             {"label": int(label), "sentiment": SENTIMENTS[label], "confidence": float(p[label]), "prob_positive": float(p[1])}

@@ -1,0 +1,32 @@
+"""Serve Weibo sentiment over HTTP: POST /api/sentiment, GET /api/models, /healthz, /readyz, /metrics, docs at /docs.
+
+python serve.py                                  # the default classifier on http://127.0.0.1:8000
+python serve.py --checkpoint a=bert_lora/output/best --checkpoint b=models/classifiers/bert_lora
+curl -s localhost:8000/api/sentiment -H 'content-type: application/json' -d '{"text": "今天心情很好[哈哈]"}'
+
+Texts of concurrent requests are scored together in batches; LoRA checkpoints of one base share it in memory.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from weibo_senti import cli, serving  # noqa: E402
+from weibo_senti.predict import default_checkpoint  # noqa: E402
+
+CHECKPOINT = []  # NAME=PATH of a checkpoint to serve, repeatable; the first is the default (none: bert_lora's, trained or shipped)
+HOST = "127.0.0.1"  # address to listen on (0.0.0.0: every interface)
+PORT = 8000  # port to listen on
+MIXED_PRECISION = "auto"  # auto (bf16 where the CPU or GPU computes it natively, else fp32), no, bf16 or fp16 (CUDA only)
+MAX_BATCH_SIZE = 64  # most texts in one model call
+MAX_WAIT_MS = 5.0  # how long a model call waits for more texts to fill its batch
+MAX_QUEUE = 4096  # most texts waiting for the model; beyond it requests get 503 with Retry-After
+REQUEST_TIMEOUT_S = 30.0  # a request not answered within this gets 504
+MAX_TEXTS_PER_REQUEST = 256  # more texts in one request: 413
+MAX_TEXT_CHARS = 5000  # a longer text: 422 (the model reads the first 128 tokens anyway)
+MAX_BODY_BYTES = 1_000_000  # a larger request body: 413
+CACHE_SIZE = 10_000  # results of recent (model, text) pairs kept for repeats (0: no cache)
+LOG_LEVEL = "info"  # uvicorn's log level: debug, info, warning, error
+
+if __name__ == "__main__":
+    trained = Path(__file__).resolve().parent / "bert_lora" / "output" / "best"
+    cli.main(lambda: serving.serve(cli.parse_config(globals()), f"bert_lora={default_checkpoint(trained, 'bert_lora')}"))

@@ -1,0 +1,504 @@
+"""The HTTP service of serve.py: POST /api/sentiment with dynamic batching, several classifiers on one base, limits,
+health, readiness and Prometheus metrics. Every model call goes through predict.Classifier.
+
+Texts of concurrent requests wait in one queue per loaded model; a worker takes up to `max_batch_size` of them (or what
+came within `max_wait_ms`), scores them in one call on a single model thread, and hands each result back to its request.
+LoRA checkpoints of the same base share one PeftModel: each is an adapter of it, and one batch may mix them.
+"""
+import asyncio
+import logging
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from pydantic import BaseModel, Field
+
+from . import UserError, repo_relative
+from .checkpoint import CheckpointError, base_model_of, find_checkpoint, read_info
+from .predict import Classifier, clean_text, text_problem
+
+log = logging.getLogger("weibo_senti.serving")
+SHARES_BASE = ("lora", "bert_lora")  # methods whose checkpoints are PEFT adapters: one base in memory for all of them
+disable_created_metrics()  # no *_created series: they double /metrics for no use here
+
+
+@dataclass
+class Limits:
+    max_texts_per_request: int = 256
+    max_text_chars: int = 5000
+    max_body_bytes: int = 1_000_000
+    max_batch_size: int = 64
+    max_wait_ms: float = 5.0
+    max_queue: int = 4096  # texts waiting for the model, over all requests
+    request_timeout_s: float = 30.0
+    cache_size: int = 10_000
+
+
+class ServiceError(Exception):
+    """An answer other than 200: its status, a short kind (also the metrics label) and a message naming the problem."""
+
+    def __init__(self, status, kind, message, headers=None):
+        super().__init__(message)
+        self.status, self.kind, self.message, self.headers = status, kind, message, headers
+
+
+def parse_checkpoints(values, default):
+    """--checkpoint NAME=PATH (or PATH, named after its method) -> [(name, Path)]; the first is the default model."""
+    pairs = []
+    for value in values or [default]:
+        name, separator, path = str(value).partition("=")
+        if not separator:
+            path = value
+            info_path = find_checkpoint(Path(path)) / "checkpoint.json"
+            name = read_info(Path(path))["method"] if info_path.is_file() else Path(path).name
+        if not name or not path:
+            raise UserError(f"--checkpoint {value}: expected NAME=PATH")
+        if name in dict(pairs):
+            raise UserError(f"--checkpoint {value}: the name {name!r} is given twice; name each checkpoint NAME=PATH")
+        pairs.append((name, Path(path)))
+    return pairs
+
+
+@dataclass
+class Served:
+    """One name of /api/sentiment's "model": a classifier, and the adapter of it that this name scores with."""
+
+    name: str
+    path: Path
+    info: dict
+    classifier: Classifier
+    adapter: str | None  # None: a model of its own
+    group: "Batcher" = None
+
+    def describe(self):
+        metrics = self.info.get("metrics", {})
+        return {
+            "name": self.name,
+            "method": self.info.get("method", "plain classifier"),
+            "base": self.info.get("base_model"),
+            "checkpoint": repo_relative(self.path),
+            "max_length": self.classifier.max_length,
+            "precision": "fp32" if self.classifier.precision == "no" else self.classifier.precision,
+            "validation": {
+                "accuracy": metrics.get("val_accuracy"),
+                "macro_f1": metrics.get("val_macro_f1"),
+                "accuracy_without_emoticons": metrics.get("val_no_emoticons_accuracy"),
+                "macro_f1_without_emoticons": metrics.get("val_no_emoticons_macro_f1"),
+            },
+        }
+
+
+def load_models(checkpoints, mixed_precision):
+    """[(name, path)] -> {name: Served}. A LoRA checkpoint whose base (and max length) an earlier one already loaded
+    becomes one more adapter of that model (PeftModel.load_adapter) instead of a second copy of the base."""
+    served, shared = {}, {}
+    for name, path in checkpoints:
+        folder = find_checkpoint(path)
+        info = read_info(folder) if (folder / "checkpoint.json").is_file() else {}
+        key = (str(base_model_of(info).resolve()), info["max_length"]) if info.get("method") in SHARES_BASE else None
+        if key in shared:
+            classifier = shared[key]
+            try:
+                classifier.model.load_adapter(str(folder), adapter_name=name)
+            except Exception as error:
+                raise CheckpointError(f"{folder}: cannot load it as an adapter of {key[0]} ({type(error).__name__}: {error})") from None
+            served[name] = Served(name, path, info, classifier, adapter=name)
+        else:
+            classifier = Classifier.load(path, mixed_precision=mixed_precision)
+            if key is not None:
+                shared[key] = classifier
+            served[name] = Served(name, path, info, classifier, adapter=classifier.model.active_adapter if key else None)
+        log.info("loaded %s: %s", name, classifier.source)
+    return served
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("weibo_senti_requests", "HTTP requests answered, by path and status", ["path", "status"], registry=r)
+        self.texts = Counter("weibo_senti_texts", "texts answered, by model", ["model"], registry=r)
+        self.errors = Counter("weibo_senti_errors", "answers other than 200, by kind", ["kind"], registry=r)
+        self.batch_size = Histogram(
+            "weibo_senti_batch_size", "texts per model call", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r
+        )
+        self.queue_wait = Histogram("weibo_senti_queue_wait_seconds", "time a text waited for its model call", registry=r)
+        self.model_time = Histogram("weibo_senti_model_seconds", "time of one model call (a batch)", registry=r)
+        self.cache_hits = Counter("weibo_senti_cache_hits", "texts answered from the result cache", registry=r)
+        self.cache_misses = Counter("weibo_senti_cache_misses", "texts not in the result cache", registry=r)
+
+
+class ResultCache:
+    """The results of the most recent (model, text) pairs; size 0 turns it off. Used from the event loop only."""
+
+    def __init__(self, size):
+        self.size, self.entries = size, OrderedDict()
+
+    def get(self, key):
+        result = self.entries.get(key)
+        if result is not None:
+            self.entries.move_to_end(key)
+        return result
+
+    def put(self, key, result):
+        if self.size:
+            self.entries[key] = result
+            self.entries.move_to_end(key)
+            while len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+
+
+@dataclass
+class Pending:
+    text: str
+    adapter: str | None
+    future: asyncio.Future
+    queued_at: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """The queue of one loaded model and the task that empties it in batches onto the model thread."""
+
+    def __init__(self, classifier, limits, metrics, model_thread):
+        self.classifier, self.limits, self.metrics, self.model_thread = classifier, limits, metrics, model_thread
+        self.queue = asyncio.Queue()
+        self.task = None
+
+    def submit(self, texts, adapter):
+        if self.queue.qsize() + len(texts) > self.limits.max_queue:
+            raise ServiceError(
+                503, "queue_full",
+                f"the server is busy: {self.queue.qsize()} texts are waiting and the queue holds {self.limits.max_queue} "
+                f"(MAX_QUEUE); retry shortly", headers={"Retry-After": "1"},
+            )
+        loop = asyncio.get_running_loop()
+        futures = []
+        for text in texts:
+            future = loop.create_future()
+            self.queue.put_nowait(Pending(text, adapter, future))
+            futures.append(future)
+        return futures
+
+    async def run(self):
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            deadline = loop.time() + self.limits.max_wait_ms / 1000
+            while len(batch) < self.limits.max_batch_size:
+                if not self.queue.empty():
+                    batch.append(self.queue.get_nowait())
+                    continue
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), deadline - loop.time()))
+                except TimeoutError:
+                    break
+            batch = [item for item in batch if not item.future.done()]  # their request timed out or went away
+            if not batch:
+                continue
+            now = time.perf_counter()
+            for item in batch:
+                self.metrics.queue_wait.observe(now - item.queued_at)
+            self.metrics.batch_size.observe(len(batch))
+            with self.metrics.model_time.time():
+                outcomes = await loop.run_in_executor(self.model_thread, self._score, batch)
+            for item, outcome in zip(batch, outcomes):
+                if item.future.done():
+                    continue
+                if isinstance(outcome, Exception):
+                    item.future.set_exception(outcome)
+                else:
+                    item.future.set_result(outcome)
+
+    def _score(self, batch):
+        """On the model thread. A batch that fails is scored text by text, so one text that breaks the model costs
+        only its own request."""
+        adapters = [item.adapter for item in batch] if batch[0].adapter is not None else None
+        try:
+            return self.classifier.predict([item.text for item in batch], self.limits.max_batch_size, adapters)
+        except Exception:
+            outcomes = []
+            for item in batch:
+                try:
+                    outcomes.extend(self.classifier.predict([item.text], 1, [item.adapter] if adapters else None))
+                except Exception as error:
+                    log.exception("model call failed")
+                    outcomes.append(ServiceError(500, "model_error", f"the model failed on a text: {type(error).__name__}"))
+            return outcomes
+
+
+class SentimentRequest(BaseModel):
+    text: Any = Field(None, description="one text; or give texts", examples=["今天天气真好，心情也很好[哈哈]"])
+    texts: Any = Field(None, description="a list of texts, answered in the same order", examples=[["太好吃了[爱你]", "排了两个小时的队[抓狂]"]])
+    model: str | None = Field(None, description="a name from GET /api/models; default: the first served")
+    clean: bool = Field(False, description="first remove {%...%} tags, @user, 【...】, zero-width characters and emoji")
+
+
+class Result(BaseModel):
+    label: int = Field(description="0 negative, 1 positive")
+    sentiment: str
+    confidence: float
+    prob_positive: float
+
+
+class Summary(BaseModel):
+    total: int
+    positive: int
+    negative: int
+    average_confidence: float
+
+
+class SentimentResponse(BaseModel):
+    model: str
+    results: list[Result]
+    summary: Summary
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets 413 before anything parses it."""
+
+    def __init__(self, app, limit, on_reject):
+        self.app, self.limit, self.on_reject = app, limit, on_reject
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        body, more = b"", True
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            more = False
+            body = None
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                body = None
+                break
+        if body is None:
+            response = self.on_reject(
+                ServiceError(413, "body_too_large", f"the request body is over {self.limit:,} bytes (MAX_BODY_BYTES)")
+            )
+            return await response(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+def create_app(checkpoints, limits=None, mixed_precision="auto", load=load_models):
+    """The FastAPI app. The models load on a thread at startup; until they are loaded /readyz and /api/sentiment
+    answer 503."""
+    limits = limits or Limits()
+    metrics = Metrics()
+    cache = ResultCache(limits.cache_size)
+    state = {"models": None, "loading_error": None, "batchers": []}
+    model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")  # one model call at a time: all cores each
+
+    async def lifespan(app):
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+
+        def load_in_thread():
+            try:
+                models = load(checkpoints, mixed_precision)
+                loop.call_soon_threadsafe(ready.set_result, models)
+            except Exception as error:  # reported by /readyz, logged here
+                log.error("cannot load the models: %s", error)
+                loop.call_soon_threadsafe(ready.set_exception, error)
+
+        threading.Thread(target=load_in_thread, daemon=True).start()
+
+        def start(done):
+            if done.exception() is not None:
+                state["loading_error"] = f"{type(done.exception()).__name__}: {done.exception()}"
+                return
+            models = done.result()
+            batchers = {}
+            for served in models.values():
+                served.group = batchers.setdefault(id(served.classifier), Batcher(served.classifier, limits, metrics, model_thread))
+            for batcher in batchers.values():
+                batcher.task = asyncio.create_task(batcher.run())
+            state["batchers"] = list(batchers.values())
+            state["models"] = models
+            log.info("ready: %s", ", ".join(models))
+
+        ready.add_done_callback(start)
+        yield
+        for batcher in state["batchers"]:
+            batcher.task.cancel()
+        model_thread.shutdown(wait=True)
+
+    app = FastAPI(
+        title="Weibo sentiment",
+        description="Sentiment of Weibo posts (negative / positive) with the classifiers of this toolkit.",
+        lifespan=lifespan,
+    )
+
+    def error_response(error):
+        metrics.errors.labels(error.kind).inc()
+        return JSONResponse({"error": error.kind, "detail": error.message}, status_code=error.status, headers=error.headers)
+
+    app.add_middleware(BodyLimit, limit=limits.max_body_bytes, on_reject=error_response)
+
+    @app.middleware("http")
+    async def count_requests(request, call_next):
+        try:
+            response = await call_next(request)
+        except Exception:  # never a stack trace to the client
+            log.exception("unexpected error on %s", request.url.path)
+            response = error_response(ServiceError(500, "internal", "internal error; the server log has the details"))
+        path = request.url.path if request.url.path in known_paths else "other"  # a bounded set of label values
+        metrics.requests.labels(path, str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request, error):
+        return error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request, error):
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in problem['loc'] if part != 'body') or 'body'}: {problem['msg']}"
+            for problem in error.errors()
+        )
+        return error_response(ServiceError(422, "invalid_request", problems))
+
+    def ready_models():
+        if state["models"] is None:
+            why = f"the models failed to load: {state['loading_error']}" if state["loading_error"] else "the models are still loading"
+            raise ServiceError(503, "not_ready", why, headers={"Retry-After": "5"})
+        return state["models"]
+
+    def texts_of(body):
+        if (body.text is None) == (body.texts is None):
+            raise ServiceError(422, "invalid_request", 'give either "text" (one string) or "texts" (a list of strings)')
+        if body.texts is not None and not isinstance(body.texts, list):
+            raise ServiceError(422, "invalid_request", f'"texts" must be a list of strings, not {type(body.texts).__name__}')
+        texts, where = ([body.text], lambda i: "text") if body.text is not None else (body.texts, lambda i: f"texts[{i}]")
+        if len(texts) > limits.max_texts_per_request:
+            raise ServiceError(
+                413, "too_many_texts",
+                f"{len(texts):,} texts in one request; the limit is {limits.max_texts_per_request:,} (MAX_TEXTS_PER_REQUEST)",
+            )
+        if not texts:
+            raise ServiceError(422, "invalid_request", '"texts" is empty: give at least one text')
+        for i, text in enumerate(texts):
+            problem = text_problem(text)
+            if problem is None and len(text) > limits.max_text_chars:
+                problem = f"{len(text):,} characters; the limit is {limits.max_text_chars:,} (MAX_TEXT_CHARS)"
+            if problem is None and body.clean and not clean_text(text):
+                problem = "empty after cleaning"
+            if problem:
+                raise ServiceError(422, "invalid_text", f"{where(i)}: {problem}")
+        return [clean_text(text) for text in texts] if body.clean else texts
+
+    @app.post("/api/sentiment", response_model=SentimentResponse, summary="Sentiment of one text or a list of texts")
+    async def sentiment(body: SentimentRequest):
+        models = ready_models()
+        name = body.model or next(iter(models))
+        if name not in models:
+            raise ServiceError(404, "unknown_model", f"no model named {name!r}; served: {', '.join(models)}")
+        served = models[name]
+        texts = texts_of(body)
+        results = [cache.get((name, text)) for text in texts]
+        missing = [i for i, result in enumerate(results) if result is None]
+        metrics.cache_hits.inc(len(texts) - len(missing))
+        metrics.cache_misses.inc(len(missing))
+        if missing:
+            futures = served.group.submit([texts[i] for i in missing], served.adapter)
+            try:
+                scored = await asyncio.wait_for(asyncio.gather(*futures), limits.request_timeout_s)
+            except TimeoutError:
+                raise ServiceError(
+                    504, "timeout", f"not answered within {limits.request_timeout_s:g} s (REQUEST_TIMEOUT_S); the server is overloaded"
+                ) from None
+            for i, result in zip(missing, scored):
+                results[i] = result
+                cache.put((name, texts[i]), result)
+        metrics.texts.labels(name).inc(len(texts))
+        positive = sum(result["label"] for result in results)
+        return {
+            "model": name,
+            "results": results,
+            "summary": {
+                "total": len(results),
+                "positive": positive,
+                "negative": len(results) - positive,
+                "average_confidence": sum(result["confidence"] for result in results) / len(results),
+            },
+        }
+
+    @app.get("/api/models", summary="The served classifiers, with their validation scores")
+    async def list_models():
+        models = ready_models()
+        described = [served.describe() for served in models.values()]
+        for entry, served in zip(described, models.values()):
+            entry["default"] = served is next(iter(models.values()))
+            entry["shares_base_with"] = [
+                other.name for other in models.values() if other is not served and other.classifier is served.classifier
+            ]
+        return {"models": described}
+
+    @app.get("/healthz", summary="The process is up")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Every model is loaded (503 until then)")
+    async def readyz():
+        if state["models"] is None:
+            return JSONResponse(
+                {"ready": False, "detail": state["loading_error"] or "loading"}, status_code=503, headers={"Retry-After": "5"}
+            )
+        return {"ready": True, "models": list(state["models"])}
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def prometheus_metrics():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    known_paths = {route.path for route in app.routes}
+    return app
+
+
+def check_checkpoints(checkpoints):
+    """Before the server starts: every path is a checkpoint or classifier folder, so a typo fails at once."""
+    for name, path in checkpoints:
+        folder = find_checkpoint(path)
+        if (folder / "checkpoint.json").is_file():
+            read_info(folder)
+        elif not (folder / "config.json").is_file():
+            raise CheckpointError(f"--checkpoint {name}={path}: no checkpoint there (no checkpoint.json or config.json)")
+
+
+def serve(cfg, default_checkpoint):
+    """serve.py: the app of create_app() under uvicorn until SIGINT or SIGTERM (which finish the requests in flight)."""
+    import uvicorn
+
+    checkpoints = parse_checkpoints(cfg.checkpoint, default_checkpoint)
+    check_checkpoints(checkpoints)
+    limits = Limits(**{name: getattr(cfg, name) for name in Limits.__dataclass_fields__})
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+    app = create_app(checkpoints, limits, cfg.mixed_precision)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            super().handle_exit(sig, frame)
+            getattr(self, "_captured_signals", []).clear()  # after the graceful shutdown exit 0, instead of uvicorn re-raising the signal
+
+    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=cfg.request_timeout_s + 5)
+    Server(config).run()
