@@ -1,0 +1,59 @@
+"""Score a whole crawl: files or a database table in, sentiment out, in chunks, incremental and resumable.
+
+python score.py --input posts.parquet --output scored/                       # a Parquet folder of part files
+python score.py --input 'crawl/*.jsonl' --output scored.csv --id-column note_id
+python score.py --input sqlite:///posts.db --table weibo_note --id-column note_id --text-column content
+python score.py --input postgresql+psycopg://user:pw@host/db --table weibo_note --where "create_time > '2026-11-01'"
+python score.py --engine spark --input crawl/ --output scored/ --master spark://host:7077
+
+A database input writes to <table>_sentiment in the same database unless --output / --output-table say otherwise.
+Ids already in the output for the same model are skipped, so a rerun scores only new posts; a killed run started again
+scores every row exactly once. Rows that cannot be scored go, with the reason, to <table>_bad, <folder>/_bad_rows/ or
+<stem>.bad.csv.
+"""
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from weibo_senti import cli, scoring  # noqa: E402
+from weibo_senti.predict import Classifier, default_checkpoint  # noqa: E402
+
+INPUT = ""  # a .csv / .jsonl / .parquet file, a folder or glob of them, or a SQLAlchemy database URL
+OUTPUT = ""  # a Parquet folder, a .csv file, or a SQLAlchemy URL (default for a database input: the same database)
+TABLE = ""  # the input table, for a database input
+ID_COLUMN = "id"  # the column with each post's unique id
+TEXT_COLUMN = "content"  # the column with the text to score
+WHERE = ""  # an SQL condition on the input table, e.g. "create_time > '2026-11-01'"
+OUTPUT_TABLE = ""  # the output table, for a database output (default: <TABLE>_sentiment)
+CHECKPOINT = ""  # checkpoint folder (default: bert_lora's best, or the shipped classifier until you have trained one)
+ENGINE = "local"  # local, or spark (mapInPandas; Parquet / CSV / JSON files or a JDBC table in, a Parquet folder out)
+MASTER = "local[*]"  # Spark master URL, for --engine spark
+CHUNK_ROWS = 2000  # rows read, scored and written at a time (one transaction or part file each)
+BATCH_SIZE = 64  # texts per model call
+MIXED_PRECISION = "auto"  # auto (bf16 where the CPU or GPU computes it natively, else fp32), no, bf16 or fp16 (CUDA only)
+
+
+def main():
+    cfg = cli.parse_config(globals())
+    if not cfg.input:
+        raise scoring.DataError("--input is needed: a file, a folder or glob of files, or a database URL (see --help)")
+    if cfg.engine not in ("local", "spark"):
+        raise scoring.DataError(f"--engine {cfg.engine}: local or spark")
+    if cfg.chunk_rows < 1 or cfg.batch_size < 1:
+        raise scoring.DataError("--chunk-rows and --batch-size must be at least 1")
+    trained = Path(__file__).resolve().parent / "bert_lora" / "output" / "best"
+    checkpoint = cfg.checkpoint or default_checkpoint(trained, "bert_lora")
+    model = scoring.model_name(checkpoint)
+    began = time.perf_counter()
+    if cfg.engine == "spark":
+        counts = scoring.score_spark(cfg, checkpoint, model)
+    else:
+        classifier = Classifier.load(checkpoint, mixed_precision=cfg.mixed_precision)
+        counts = scoring.score(cfg, classifier, model)
+    print(f"model {model}", file=sys.stderr)
+    scoring.print_summary(counts, time.perf_counter() - began)
+
+
+if __name__ == "__main__":
+    cli.main(main)

@@ -1,0 +1,250 @@
+"""score.py against real files, a real SQLite file, a real PostgreSQL server on loopback, and Spark in local[2]."""
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+
+import tiny
+from conftest import run_script
+from weibo_senti import REPO_ROOT
+from weibo_senti.predict import Classifier
+from weibo_senti.scoring import model_name
+
+SCORE = REPO_ROOT / "score.py"
+FP32 = ["--mixed-precision", "no"]
+
+
+def posts(count, start=1, seed=0):
+    """A crawl-like table: note_id, content, with a NULL and a blank text among them."""
+    rows = tiny.synthetic_rows(count, seed=seed)
+    table = pd.DataFrame({"note_id": range(start, start + count), "content": [text for _, text in rows]})
+    if count > 10:
+        table.loc[3, "content"] = None
+        table.loc[7, "content"] = "   "
+    return table
+
+
+@pytest.fixture(scope="module")
+def checkpoint(trained):
+    return trained("adapter_tuning")[0] / "best"
+
+
+def score(*args, expect=0):
+    result = run_script(SCORE, *map(str, args), *FP32)
+    assert result.returncode == expect, result.stderr[-3000:]
+    return result
+
+
+def summary(result):
+    line = [line for line in result.stderr.splitlines() if line.startswith("read ")][-1]
+    numbers = [int(word.rstrip(",").replace(",", "")) for word in line.split() if word.rstrip(",").replace(",", "").isdigit()]
+    return dict(zip(("read", "scored", "skipped", "bad"), numbers))
+
+
+def expected(checkpoint, table):
+    good = table[table["content"].notna() & (table["content"].str.strip() != "")]
+    results = Classifier.load(checkpoint).predict(list(good["content"]))
+    return {int(i): r for i, r in zip(good["note_id"], results)}
+
+
+def check_results(frame, want, model):
+    assert sorted(frame["id"].astype(int)) == sorted(want)  # every scorable row exactly once
+    assert set(frame["model"]) == {model}
+    for row in frame.itertuples():
+        assert row.label == want[int(row.id)]["label"]
+        assert abs(row.prob_positive - want[int(row.id)]["prob_positive"]) < 1e-5
+
+
+def test_parquet_folder_from_csv_is_incremental_and_keeps_bad_rows_aside(checkpoint, tmp_path):
+    first = posts(60)
+    first.to_csv(tmp_path / "day1.csv", index=False)
+    out = tmp_path / "scored"
+    result = score("--input", tmp_path / "day1.csv", "--output", out, "--id-column", "note_id", "--checkpoint", checkpoint, "--chunk-rows", "25")
+    assert summary(result) == {"read": 60, "scored": 58, "skipped": 0, "bad": 2}
+    model = model_name(checkpoint)
+    check_results(pd.read_parquet(out), expected(checkpoint, first), model)
+    bad = pd.read_parquet(out / "_bad_rows").sort_values("id")
+    assert list(bad["id"].astype(int)) == [4, 8] and list(bad["reason"]) == ["NULL text", "empty text"]
+    assert list(bad["row"]) == [4, 8] and bad["source"].str.endswith("day1.csv").all()
+    # the next day: yesterday's file again plus a new one; only the new posts are scored, nothing is recorded twice
+    second = posts(20, start=61, seed=1)
+    second.to_csv(tmp_path / "day2.csv", index=False)
+    result = score("--input", tmp_path / "day*.csv", "--output", out, "--id-column", "note_id", "--checkpoint", checkpoint)
+    assert summary(result) == {"read": 80, "scored": 18, "skipped": 60, "bad": 2}
+    both = pd.concat([first, second])
+    check_results(pd.read_parquet(out), expected(checkpoint, both), model)
+    assert len(pd.read_parquet(out / "_bad_rows")) == 4
+
+
+def test_sqlite_table_scored_into_its_database_with_where(checkpoint, tmp_path):
+    database = tmp_path / "crawl.db"
+    table = posts(50)
+    with sqlite3.connect(database) as connection:
+        table.to_sql("weibo_note", connection, index=False)
+    url = f"sqlite:///{database}"
+    args = ("--input", url, "--table", "weibo_note", "--id-column", "note_id", "--checkpoint", checkpoint, "--chunk-rows", "16")
+    result = score(*args, "--where", "note_id <= 30")
+    assert summary(result) == {"read": 30, "scored": 28, "skipped": 0, "bad": 2}
+    result = score(*args)
+    assert summary(result) == {"read": 50, "scored": 20, "skipped": 30, "bad": 0}
+    engine = sa.create_engine(url)
+    scored = pd.read_sql_table("weibo_note_sentiment", engine)
+    check_results(scored, expected(checkpoint, table), model_name(checkpoint))
+    assert set(scored.columns) == {"id", "label", "sentiment", "confidence", "prob_positive", "model", "scored_at"}
+    bad = pd.read_sql_table("weibo_note_sentiment_bad", engine)
+    assert sorted(bad["id"]) == [4, 8]
+    engine.dispose()
+
+
+def test_jsonl_folder_into_a_csv(checkpoint, tmp_path):
+    folder = tmp_path / "crawl"
+    folder.mkdir()
+    table = posts(30)
+    table.iloc[:15].to_json(folder / "a.jsonl", orient="records", lines=True, force_ascii=False)
+    table.iloc[15:].to_json(folder / "b.jsonl", orient="records", lines=True, force_ascii=False)
+    out = tmp_path / "scored.csv"
+    assert summary(score("--input", folder, "--output", out, "--id-column", "note_id", "--checkpoint", checkpoint)) == {
+        "read": 30, "scored": 28, "skipped": 0, "bad": 2}
+    check_results(pd.read_csv(out), expected(checkpoint, table), model_name(checkpoint))
+    assert list(pd.read_csv(tmp_path / "scored.bad.csv")["reason"]) == ["NULL text", "empty text"]
+    assert summary(score("--input", folder, "--output", out, "--id-column", "note_id", "--checkpoint", checkpoint))["skipped"] == 30
+
+
+@pytest.mark.parametrize("sink", ["parquet", "sqlite", "csv"])
+def test_killed_mid_run_and_started_again_scores_every_row_once(checkpoint, tmp_path, sink):
+    table = posts(1500)
+    source = tmp_path / "posts.parquet"
+    table.to_parquet(source)
+    output = {"parquet": tmp_path / "scored", "sqlite": f"sqlite:///{tmp_path / 'out.db'}", "csv": tmp_path / "scored.csv"}[sink]
+    args = [sys.executable, str(SCORE), "--input", str(source), "--output", str(output), "--id-column", "note_id",
+            "--checkpoint", str(checkpoint), "--chunk-rows", "20", *FP32]
+    if sink == "sqlite":
+        args += ["--output-table", "scored"]
+
+    def written():
+        if sink == "parquet":
+            return len(glob.glob(str(output / "*.parquet")))
+        if sink == "csv":
+            return output.stat().st_size // 1000 if output.exists() else 0
+        try:
+            with sqlite3.connect(tmp_path / "out.db") as connection:
+                return connection.execute("select count(*) from scored").fetchone()[0] // 20
+        except sqlite3.OperationalError:
+            return 0
+
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while written() < 5 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    assert process.poll() is None, "finished before it could be killed: make the input larger"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    result = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = summary(result)
+    assert counts["skipped"] > 0 and counts["read"] == 1500
+    if sink == "parquet":
+        frame = pd.read_parquet(output)
+    elif sink == "csv":
+        frame = pd.read_csv(output)
+    else:
+        frame = pd.read_sql_table("scored", sa.create_engine(output))
+    check_results(frame, expected(checkpoint, table), model_name(checkpoint))
+
+
+def test_bad_input_is_named(checkpoint, tmp_path):
+    table = posts(5)
+    table.to_csv(tmp_path / "p.csv", index=False)
+    result = score("--input", tmp_path / "p.csv", "--output", tmp_path / "o", "--checkpoint", checkpoint, expect=2)
+    assert "no column 'id' (--id-column)" in result.stderr and "note_id, content" in result.stderr
+    result = score("--input", f"sqlite:///{tmp_path / 'x.db'}", "--table", "weibo_note", "--checkpoint", checkpoint, expect=2)
+    assert "no table 'weibo_note'" in result.stderr
+    result = score("--input", tmp_path / "nothing.csv", "--output", tmp_path / "o", "--checkpoint", checkpoint, expect=2)
+    assert "no such file" in result.stderr and "Traceback" not in result.stderr
+
+
+def _start_postgres():
+    """A throwaway PostgreSQL server on a free loopback port (as user postgres when run as root)."""
+    initdb = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb")) or [shutil.which("initdb")]
+    if not initdb[-1]:
+        return None, None
+    bin_dir = Path(initdb[-1]).parent
+    folder = Path(tempfile.mkdtemp(prefix="weibo-senti-pg-"))
+    as_user = []
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(folder / "data"), "-U", "postgres", "--auth=trust"], check=True, capture_output=True)
+    subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(folder / "data"), "-w", "-l", str(folder / "log"), "-o",
+                    f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
+    stop = [*as_user, str(bin_dir / "pg_ctl"), "-D", str(folder / "data"), "-m", "fast", "stop"]
+    return f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres", lambda: (subprocess.run(stop, capture_output=True), shutil.rmtree(folder, True))
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    url = os.environ.get("WEIBO_SENTI_TEST_POSTGRES")
+    stop = None
+    if not url:
+        url, stop = _start_postgres()
+    if not url:
+        if os.environ.get("CI"):
+            pytest.fail("no PostgreSQL server: .ci/run installs one (apt-get install postgresql)")
+        pytest.skip("no PostgreSQL server here (apt-get install postgresql)")
+    yield url
+    if stop:
+        stop()
+
+
+def test_postgresql_table_scored_incrementally(checkpoint, postgres_url):
+    engine = sa.create_engine(postgres_url)
+    table = posts(40)
+    with engine.begin() as connection:
+        connection.execute(sa.text("drop table if exists weibo_note, weibo_note_sentiment, weibo_note_sentiment_bad"))
+        connection.execute(sa.text("create table weibo_note (note_id varchar(64) primary key, content text)"))
+    table.iloc[:25].assign(note_id=table["note_id"].astype(str)).to_sql("weibo_note", engine, if_exists="append", index=False)
+    args = ("--input", postgres_url, "--table", "weibo_note", "--id-column", "note_id", "--checkpoint", checkpoint, "--chunk-rows", "10")
+    assert summary(score(*args)) == {"read": 25, "scored": 23, "skipped": 0, "bad": 2}
+    table.iloc[25:].assign(note_id=table["note_id"].astype(str)).to_sql("weibo_note", engine, if_exists="append", index=False)
+    assert summary(score(*args)) == {"read": 40, "scored": 15, "skipped": 25, "bad": 0}
+    scored = pd.read_sql_table("weibo_note_sentiment", engine)
+    check_results(scored, expected(checkpoint, table), model_name(checkpoint))
+    with engine.connect() as connection:
+        kinds = dict(connection.execute(sa.text(
+            "select column_name, data_type from information_schema.columns where table_name = 'weibo_note_sentiment'")).all())
+    assert kinds["id"] == "character varying"  # the id column keeps the input's type
+    engine.dispose()
+
+
+def test_spark_engine_scores_a_parquet_folder_like_the_local_engine(checkpoint, tmp_path):
+    pytest.importorskip("pyspark")
+    crawl = tmp_path / "crawl"
+    crawl.mkdir()
+    table = posts(40)
+    table.iloc[:30].to_parquet(crawl / "part-1.parquet")
+    spark = ("--engine", "spark", "--master", "local[2]", "--input", crawl, "--output", tmp_path / "spark_out",
+             "--id-column", "note_id", "--checkpoint", checkpoint)
+    assert summary(score(*spark)) == {"read": 30, "scored": 28, "skipped": 0, "bad": 2}
+    table.iloc[30:].to_parquet(crawl / "part-2.parquet")
+    assert summary(score(*spark)) == {"read": 40, "scored": 10, "skipped": 30, "bad": 0}
+    check_results(pd.read_parquet(tmp_path / "spark_out"), expected(checkpoint, table), model_name(checkpoint))
+    bad = pd.read_parquet(tmp_path / "spark_out" / "_bad_rows")
+    assert sorted(bad["id"]) == [4, 8] and set(bad["reason"]) == {"NULL text", "empty text"}
+    # the local engine sees the Spark run's results as already scored: one sink, either engine
+    result = score("--input", crawl, "--output", tmp_path / "spark_out", "--id-column", "note_id", "--checkpoint", checkpoint)
+    assert summary(result) == {"read": 40, "scored": 0, "skipped": 40, "bad": 0}

@@ -1,0 +1,590 @@
+"""Score a whole crawl (score.py): CSV / JSON-lines / Parquet files or a database table in; a Parquet folder, a CSV or
+a database table out. In chunks with bounded memory, incremental (ids the sink already holds for the same model are
+skipped) and safe to kill at any moment: a database chunk is one transaction, a Parquet part file is renamed into place,
+a CSV sink loses at most its unfinished last line, which the next run removes and scores again.
+
+Rows that cannot be scored (no id, NULL, empty or non-text content) go to a side table or file with the reason:
+<table>_bad, <folder>/_bad_rows/, <csv stem>.bad.csv. They count as handled: a rerun does not record them again.
+"""
+import glob
+import hashlib
+import json
+import os
+import sys
+import time
+from contextlib import nullcontext
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+from filelock import FileLock, Timeout
+from tqdm import tqdm
+
+from . import UserError
+from .checkpoint import find_checkpoint
+from .data import DataError
+from .predict import text_problem
+
+RESULT_COLUMNS = ["id", "label", "sentiment", "confidence", "prob_positive", "model", "scored_at"]
+BAD_COLUMNS = ["id", "reason", "source", "row", "model", "seen_at"]
+FILE_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+
+
+def is_database(location):
+    return "://" in str(location)
+
+
+def model_name(checkpoint):
+    """What the sink's `model` column records: the checkpoint's method and a digest of its weights and settings, so a
+    retrained checkpoint scores everything again while a rerun of the same one skips what it did."""
+    folder = find_checkpoint(Path(checkpoint))
+    if not folder.is_dir():
+        return str(checkpoint)  # a hub id
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if path.suffix in (".safetensors", ".bin") or path.name in ("checkpoint.json", "config.json", "adapter_config.json"):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    info = folder / "checkpoint.json"
+    method = json.loads(info.read_text(encoding="utf-8"))["method"] if info.is_file() else folder.name
+    return f"{method}@{digest.hexdigest()[:12]}"
+
+
+def now():
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ---- sources: count() and chunks() of DataFrames with columns id, text, source, row
+
+
+class FileSource:
+    def __init__(self, location, id_column, text_column):
+        self.id_column, self.text_column = id_column, text_column
+        path = Path(location)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.suffix in FILE_SUFFIXES and not p.name.startswith((".", "_")))
+        elif any(char in str(location) for char in "*?["):
+            files = sorted(Path(p) for p in glob.glob(str(location), recursive=True) if Path(p).suffix in FILE_SUFFIXES)
+        else:
+            files = [path] if path.is_file() else []
+            if not files:
+                raise DataError(f"--input {location}: no such file or folder")
+        if not files:
+            raise DataError(f"--input {location}: no .csv, .jsonl or .parquet files there")
+        for file in files:
+            if file.suffix not in FILE_SUFFIXES:
+                raise DataError(f"--input {file}: unknown kind of file; expected {', '.join(FILE_SUFFIXES)}")
+        self.files = files
+
+    def count(self):
+        import pyarrow.parquet as pq
+
+        total = 0
+        for file in self.files:
+            if FILE_SUFFIXES[file.suffix] == "parquet":
+                total += pq.ParquetFile(file).metadata.num_rows
+            else:
+                with open(file, "rb") as handle:
+                    total += sum(block.count(b"\n") for block in iter(lambda: handle.read(1 << 20), b""))
+                total -= FILE_SUFFIXES[file.suffix] == "csv"  # the header (an estimate: quoted newlines count too)
+        return total
+
+    def _frames(self, file, size):
+        kind = FILE_SUFFIXES[file.suffix]
+        columns = [self.id_column, self.text_column]
+        if kind == "parquet":
+            import pyarrow.parquet as pq
+
+            parquet = pq.ParquetFile(file)
+            self._check_columns(file, parquet.schema_arrow.names)
+            for batch in parquet.iter_batches(batch_size=size, columns=columns):
+                yield batch.to_pandas()
+        elif kind == "csv":
+            header = pd.read_csv(file, nrows=0).columns
+            self._check_columns(file, header)
+            yield from pd.read_csv(file, chunksize=size, usecols=columns, dtype=str, keep_default_na=False, na_values=[""])
+        else:
+            first = True
+            for frame in pd.read_json(file, lines=True, chunksize=size, dtype=False):
+                if first:
+                    self._check_columns(file, frame.columns)
+                    first = False
+                yield frame.reindex(columns=columns)
+
+    def _check_columns(self, file, names):
+        for option, column in (("--id-column", self.id_column), ("--text-column", self.text_column)):
+            if column not in names:
+                raise DataError(f"{file}: no column '{column}' ({option}); its columns: {', '.join(map(str, names))}")
+
+    def chunks(self, size):
+        for file in self.files:
+            row = 0
+            try:
+                for frame in self._frames(file, size):
+                    yield pd.DataFrame({
+                        "id": frame[self.id_column].to_numpy(), "text": frame[self.text_column].to_numpy(),
+                        "source": str(file), "row": range(row + 1, row + 1 + len(frame)),
+                    })
+                    row += len(frame)
+            except (ValueError, OSError) as error:
+                if isinstance(error, DataError):
+                    raise
+                raise DataError(f"{file}: cannot be read after row {row:,}: {error}") from None
+
+
+class TableSource:
+    """A table read in id order by keyset pages (WHERE id > last ORDER BY id LIMIT n): bounded memory, no long cursor."""
+
+    def __init__(self, url, table, id_column, text_column, where):
+        import sqlalchemy as sa
+
+        if not table:
+            raise DataError(f"--input {url} is a database: name the table with --table")
+        self.engine = engine_for(url)
+        names = sa.inspect(self.engine).get_table_names()
+        if table not in names:
+            raise DataError(f"{safe_url(url)}: no table '{table}' (tables: {', '.join(names) or 'none'})")
+        self.table = sa.Table(table, sa.MetaData(), autoload_with=self.engine)
+        for option, column in (("--id-column", id_column), ("--text-column", text_column)):
+            if column not in self.table.c:
+                raise DataError(f"{table}: no column '{column}' ({option}); its columns: {', '.join(self.table.c.keys())}")
+        self.id, self.text = self.table.c[id_column], self.table.c[text_column]
+        self.where = sa.text(where) if where else sa.true()
+        self.name = f"{table}"
+
+    def count(self):
+        import sqlalchemy as sa
+
+        with self.engine.connect() as connection:
+            return connection.execute(sa.select(sa.func.count()).select_from(self.table).where(self.where)).scalar_one()
+
+    def chunks(self, size):
+        import sqlalchemy as sa
+
+        last, row = None, 0
+        with self.engine.connect() as connection:
+            while True:
+                query = sa.select(self.id, self.text).where(self.where, self.id.is_not(None))
+                if last is not None:
+                    query = query.where(self.id > last)
+                rows = connection.execute(query.order_by(self.id).limit(size)).all()
+                connection.rollback()  # end the read transaction between pages
+                if not rows:
+                    break
+                last = rows[-1][0]
+                yield pd.DataFrame({"id": [r[0] for r in rows], "text": [r[1] for r in rows], "source": self.name,
+                                    "row": range(row + 1, row + 1 + len(rows))})
+                row += len(rows)
+            # rows without an id cannot be tracked: reported as bad each run (their count stays small, by nature)
+            query = sa.select(self.text).where(self.where, self.id.is_(None))
+            missing = connection.execute(query).scalars().all()
+            if missing:
+                yield pd.DataFrame({"id": [None] * len(missing), "text": missing, "source": self.name, "row": None})
+
+
+def engine_for(url):
+    import sqlalchemy as sa
+
+    try:
+        return sa.create_engine(url)
+    except Exception as error:  # unknown dialect, missing driver
+        raise DataError(f"{safe_url(url)}: {error}") from None
+
+
+def safe_url(url):
+    try:
+        import sqlalchemy as sa
+
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "the database URL"
+
+
+# ---- sinks: done(model, ids) -> boolean mask, write(results, bad)
+
+
+class TableSink:
+    def __init__(self, url, table, id_type=None):
+        import sqlalchemy as sa
+
+        self.engine = engine_for(url)
+        metadata = sa.MetaData()
+        id_type = id_type if id_type is not None else sa.String(255)
+        self.table = sa.Table(
+            table, metadata,
+            sa.Column("id", id_type, nullable=False), sa.Column("label", sa.Integer), sa.Column("sentiment", sa.String(16)),
+            sa.Column("confidence", sa.Float), sa.Column("prob_positive", sa.Float), sa.Column("model", sa.String(200), nullable=False),
+            sa.Column("scored_at", sa.String(32)), sa.PrimaryKeyConstraint("id", "model"),
+        )
+        self.bad = sa.Table(
+            f"{table}_bad", metadata,
+            sa.Column("id", id_type), sa.Column("reason", sa.Text), sa.Column("source", sa.Text), sa.Column("row", sa.Integer),
+            sa.Column("model", sa.String(200)), sa.Column("seen_at", sa.String(32)), sa.Index(f"ix_{table}_bad_model_id", "model", "id"),
+        )
+        metadata.create_all(self.engine)  # existing tables are kept as they are; what they hold is checked below
+        self.name = table
+        reflected = {}
+        for wanted, columns in ((self.table, RESULT_COLUMNS), (self.bad, BAD_COLUMNS)):
+            reflected[wanted.name] = sa.Table(wanted.name, sa.MetaData(), autoload_with=self.engine)
+            missing = [column for column in columns if column not in reflected[wanted.name].c]
+            if missing:
+                raise DataError(f"{safe_url(url)}: the table '{wanted.name}' exists without the columns {', '.join(missing)}; "
+                                "choose another --output-table")
+        self.ids_are_text = isinstance(reflected[table].c.id.type, sa.String)
+
+    def _ids(self, ids):
+        return [str(i) if self.ids_are_text else (i.item() if hasattr(i, "item") else i) for i in ids]
+
+    def done(self, model, ids):
+        import sqlalchemy as sa
+
+        found = set()
+        with self.engine.connect() as connection:
+            for table in (self.table, self.bad):
+                query = sa.select(table.c.id).where(table.c.model == model, table.c.id.in_(self._ids(ids)))
+                found.update(connection.execute(query).scalars())
+        return pd.Series([i in found for i in self._ids(ids)], index=ids.index)
+
+    def write(self, results, bad):
+        with self.engine.begin() as connection:  # one transaction: the chunk is in, or none of it
+            for table, frame in ((self.table, results), (self.bad, bad)):
+                if len(frame):
+                    records = frame.astype(object).where(frame.notna(), None).to_dict("records")  # plain Python values
+                    for record in records:
+                        record["id"] = None if record["id"] is None else self._ids([record["id"]])[0]
+                    connection.execute(table.insert(), records)
+
+
+class ParquetSink:
+    """A folder of part files; each written under a temporary name and renamed into place. The ids already there for
+    a model are held in memory (about 100 bytes each) to skip them."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.bad_folder = self.folder / "_bad_rows"  # '_' prefix: Spark and pyarrow datasets do not read it as data
+        self.bad_folder.mkdir(parents=True, exist_ok=True)
+        for leftover in [*self.folder.glob(".*.tmp"), *self.bad_folder.glob(".*.tmp")]:
+            leftover.unlink()  # a part a killed run did not finish
+        self.seen, self.parts = {}, 0
+        self.name = str(folder)
+
+    def _ids(self, model):
+        if model not in self.seen:
+            import pyarrow.dataset as ds
+
+            ids = set()
+            for folder in (self.folder, self.bad_folder):
+                if any(folder.glob("*.parquet")):
+                    table = ds.dataset(folder, format="parquet").to_table(columns=["id"], filter=ds.field("model") == model)
+                    ids.update(str(i) for i in table.column("id").to_pylist())
+            self.seen[model] = ids
+        return self.seen[model]
+
+    def done(self, model, ids):
+        return ids.astype(str).isin(self._ids(model))
+
+    def _write_part(self, frame, folder):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.parts += 1
+        name = f"part-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{self.parts:05d}.parquet"
+        tmp = folder / f".{name}.tmp"
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, folder / name)
+
+    def write(self, results, bad):
+        for frame, folder in ((bad, self.bad_folder), (results, self.folder)):
+            if len(frame):
+                self._write_part(frame, folder)
+                for model, ids in frame.groupby("model")["id"]:
+                    self._ids(model).update(str(i) for i in ids if not pd.isna(i))
+
+
+class CsvSink:
+    """One CSV appended a chunk at a time (one write and fsync each); bad rows go to <stem>.bad.csv."""
+
+    def __init__(self, path):
+        self.path, self.bad_path = Path(path), Path(path).with_suffix(".bad.csv")
+        if not self.path.parent.is_dir():
+            raise DataError(f"--output {path}: the folder {self.path.parent} does not exist")
+        self.seen = {}
+        self.name = str(path)
+        for file in (self.path, self.bad_path):
+            _drop_unfinished_line(file)
+
+    def _ids(self, model):
+        if model not in self.seen:
+            ids = set()
+            for file in (self.path, self.bad_path):
+                if file.is_file() and file.stat().st_size:
+                    for frame in pd.read_csv(file, usecols=["id", "model"], dtype=str, keep_default_na=False, chunksize=100_000):
+                        ids.update(frame.loc[frame["model"] == model, "id"])
+            self.seen[model] = ids
+        return self.seen[model]
+
+    def done(self, model, ids):
+        return ids.astype(str).isin(self._ids(model))
+
+    def write(self, results, bad):
+        for frame, file, columns in ((bad, self.bad_path, BAD_COLUMNS), (results, self.path, RESULT_COLUMNS)):
+            if not len(frame):
+                continue
+            new = not file.is_file() or file.stat().st_size == 0
+            text = frame[columns].to_csv(index=False, header=new, lineterminator="\n")
+            with open(file, "a", encoding="utf-8", newline="") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            for model, ids in frame.groupby("model")["id"]:
+                self._ids(model).update(str(i) for i in ids if not pd.isna(i))
+
+
+def _drop_unfinished_line(file):
+    """A run killed during a write may leave half a line at the end: cut it, so its rows are scored again."""
+    if not file.is_file() or file.stat().st_size == 0:
+        return
+    with open(file, "rb+") as handle:
+        handle.seek(0, os.SEEK_END)
+        size = handle.tell()
+        handle.seek(max(0, size - 1))
+        if handle.read(1) == b"\n":
+            return
+        handle.seek(0)
+        keep = handle.read().rfind(b"\n") + 1
+        handle.truncate(keep)
+        print(f"{file}: removed an unfinished last line left by a killed run ({size - keep} bytes)", file=sys.stderr)
+
+
+def open_source(cfg):
+    if is_database(cfg.input):
+        return TableSource(cfg.input, cfg.table, cfg.id_column, cfg.text_column, cfg.where)
+    if cfg.where or cfg.table:
+        raise DataError("--table and --where are for database inputs (a SQLAlchemy URL)")
+    return FileSource(cfg.input, cfg.id_column, cfg.text_column)
+
+
+def open_sink(cfg, source):
+    output = cfg.output or (cfg.input if is_database(cfg.input) else "")
+    if not output:
+        raise DataError("--output is needed: a Parquet folder, a .csv file, or a SQLAlchemy URL")
+    if is_database(output):
+        table = cfg.output_table or (f"{cfg.table}_sentiment" if cfg.table else "")
+        if not table:
+            raise DataError(f"--output {safe_url(output)} is a database: name the table with --output-table")
+        id_type = source.id.type if isinstance(source, TableSource) and safe_url(output) == safe_url(cfg.input) else None
+        return TableSink(output, table, id_type)
+    if str(output).endswith(".csv"):
+        return CsvSink(output)
+    if Path(output).suffix in FILE_SUFFIXES:
+        raise DataError(f"--output {output}: give a folder for Parquet parts (no suffix), a .csv file, or a database URL")
+    return ParquetSink(output)
+
+
+def split_chunk(chunk, sink, model):
+    """(rows to score, bad rows, number skipped as already handled) of one chunk from a source."""
+    problems = []
+    for identifier, text in zip(chunk["id"], chunk["text"]):
+        if identifier is None or (not isinstance(identifier, str) and pd.isna(identifier)) or str(identifier).strip() == "":
+            problems.append("missing id")
+        elif text is None or (isinstance(text, float) and pd.isna(text)):
+            problems.append("NULL text")
+        else:
+            problems.append(text_problem(text))
+    chunk = chunk.assign(reason=problems)
+    duplicated = chunk["id"].duplicated() & chunk["reason"].isna()
+    chunk.loc[duplicated, "reason"] = "duplicate id (an earlier row with this id is scored)"
+    with_id = chunk["reason"] != "missing id"
+    already = pd.Series(False, index=chunk.index)
+    if with_id.any():
+        already[with_id] = sink.done(model, chunk.loc[with_id, "id"]).to_numpy()
+    bad = chunk[chunk["reason"].notna() & ~already]
+    todo = chunk[chunk["reason"].isna() & ~already]
+    return todo, bad, int(already.sum())
+
+
+def score(cfg, classifier, model, score_batch=None):
+    """The local engine: read, skip, score and write chunk by chunk. Returns the summary counts."""
+    source = open_source(cfg)
+    sink = open_sink(cfg, source)
+    lock = FileLock(f"{sink.folder / '.score.lock'}" if isinstance(sink, ParquetSink) else f"{sink.path}.lock") if not isinstance(sink, TableSink) else nullcontext()
+    counts = {"read": 0, "scored": 0, "skipped": 0, "bad": 0}
+    try:
+        with lock:
+            with tqdm(total=source.count(), unit=" texts", desc="scoring", smoothing=0.1, dynamic_ncols=True) as bar:
+                for chunk in source.chunks(cfg.chunk_rows):
+                    todo, bad, skipped = split_chunk(chunk, sink, model)
+                    results = score_rows(classifier, todo, model, cfg.batch_size)
+                    failed = results["label"].isna() if len(results) else pd.Series(dtype=bool)
+                    if failed.any():  # texts the model could not take: bad rows, with the reason it gave
+                        bad = pd.concat([bad, todo[failed.to_numpy()].assign(reason=results.loc[failed, "error"].to_numpy())])
+                        results = results[~failed]
+                    sink.write(results[RESULT_COLUMNS], bad_rows(bad, model))
+                    counts["read"] += len(chunk)
+                    counts["scored"] += len(results)
+                    counts["skipped"] += skipped
+                    counts["bad"] += len(bad)
+                    bar.update(len(chunk))
+                    bar.set_postfix(scored=counts["scored"], skipped=counts["skipped"], bad=counts["bad"])
+    except Timeout:
+        raise UserError(f"{sink.name} is being written by another score.py run (lock held); wait for it to finish") from None
+    return counts
+
+
+def score_rows(classifier, todo, model, batch_size):
+    """The per-batch scoring function of both engines: a DataFrame with id and text -> RESULT_COLUMNS (+ error)."""
+    results = classifier.predict_each(list(todo["text"]), batch_size) if len(todo) else []
+    frame = pd.DataFrame({
+        "id": todo["id"].to_numpy(),
+        "label": [r.get("label") for r in results],
+        "sentiment": [r.get("sentiment") for r in results],
+        "confidence": [r.get("confidence") for r in results],
+        "prob_positive": [r.get("prob_positive") for r in results],
+        "model": model,
+        "scored_at": now(),
+        "error": [r.get("error") for r in results],
+    })
+    frame["label"] = frame["label"].astype("Int64")
+    return frame
+
+
+def bad_rows(bad, model):
+    return pd.DataFrame({
+        "id": bad["id"].to_numpy(), "reason": bad["reason"].to_numpy(), "source": bad["source"].astype(str).to_numpy(),
+        "row": bad["row"].astype("Int64").to_numpy() if len(bad) else [], "model": model, "seen_at": now(),
+    })
+
+
+def print_summary(counts, seconds, out=sys.stderr):
+    rate = counts["scored"] / seconds if seconds else 0
+    print(
+        f"read {counts['read']:,}, scored {counts['scored']:,}, skipped as already scored {counts['skipped']:,}, "
+        f"bad {counts['bad']:,} (in the side table or file, with the reason); {seconds:.1f} s, {rate:.1f} texts/s",
+        file=out,
+    )
+
+
+# ---- the Spark engine: the same score_rows() inside mapInPandas, the model loaded once per Python worker
+
+_WORKER_CLASSIFIERS = {}
+
+
+def spark_partition_scorer(checkpoint, model, batch_size, mixed_precision):
+    """The function mapInPandas runs on every partition: bad rows keep their reason, the rest are scored."""
+
+    def score_partition(frames):
+        from .predict import Classifier
+
+        key = (str(checkpoint), mixed_precision)
+        if key not in _WORKER_CLASSIFIERS:  # Python workers are reused across tasks, so this loads once per worker
+            _WORKER_CLASSIFIERS[key] = Classifier.load(checkpoint, mixed_precision=mixed_precision)
+        classifier = _WORKER_CLASSIFIERS[key]
+        for frame in frames:
+            todo, bad, _ = split_chunk(frame.assign(source="spark", row=None), _NothingDone(), model)
+            results = score_rows(classifier, todo, model, batch_size)
+            failed = results["label"].isna()
+            results["reason"] = results.pop("error").where(failed, None)
+            out = pd.concat([
+                results,
+                pd.DataFrame({"id": bad["id"].to_numpy(), "model": model, "scored_at": now(), "reason": bad["reason"].to_numpy()}),
+            ], ignore_index=True)[[*RESULT_COLUMNS, "reason"]]
+            # pandas 3's Arrow-backed strings reach PySpark as chunked arrays, which it cannot take: plain objects
+            yield out.astype({column: object for column in out.columns if pd.api.types.is_string_dtype(out[column])})
+
+    return score_partition
+
+
+class _NothingDone:
+    """On Spark the ids already scored are removed before mapInPandas, by an anti-join."""
+
+    def done(self, model, ids):
+        return pd.Series(False, index=ids.index)
+
+
+def jdbc_options(url, table):
+    """A SQLAlchemy URL -> Spark's JDBC reader options (the driver jar must be on Spark's classpath)."""
+    import sqlalchemy as sa
+
+    parsed = sa.make_url(url)
+    backend = parsed.get_backend_name()
+    drivers = {"postgresql": "org.postgresql.Driver", "mysql": "com.mysql.cj.jdbc.Driver"}
+    if backend not in drivers:
+        raise DataError(f"--engine spark reads databases through JDBC: PostgreSQL or MySQL, not {backend}")
+    port = f":{parsed.port}" if parsed.port else ""
+    options = {"url": f"jdbc:{backend}://{parsed.host or 'localhost'}{port}/{parsed.database}", "dbtable": table, "driver": drivers[backend]}
+    if parsed.username:
+        options["user"] = parsed.username
+    if parsed.password:
+        options["password"] = parsed.password
+    return options
+
+
+def score_spark(cfg, checkpoint, model):
+    """--engine spark: Parquet / CSV / JSON files or a JDBC table in, a Parquet folder out (the same layout as the
+    local engine's: part files, _bad_rows/). Each run is two Spark jobs (bad rows, then results); Spark's commit
+    protocol makes each all or nothing, and the anti-join against the sink makes a rerun score only what is missing."""
+    import pyspark.sql.functions as F
+    from pyspark.sql import SparkSession
+    from pyspark.sql import types as T
+
+    from . import REPO_ROOT
+
+    output = cfg.output
+    if not output or is_database(output) or Path(output).suffix:
+        raise DataError("--engine spark writes a Parquet folder: give --output FOLDER (no suffix)")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))  # local workers
+    spark = (
+        SparkSession.builder.master(cfg.master).appName("weibo-senti score.py")
+        .config("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.chunk_rows))
+        .config("spark.ui.enabled", "false").getOrCreate()
+    )
+    spark.sparkContext.setLogLevel("ERROR")
+    if is_database(cfg.input):
+        if not cfg.table:
+            raise DataError(f"--input {safe_url(cfg.input)} is a database: name the table with --table")
+        frame = spark.read.format("jdbc").options(**jdbc_options(cfg.input, cfg.table)).load()
+        if cfg.where:
+            frame = frame.where(cfg.where)
+    else:
+        files = [str(path) for path in FileSource(cfg.input, cfg.id_column, cfg.text_column).files]
+        kinds = {FILE_SUFFIXES[Path(path).suffix] for path in files}
+        if len(kinds) > 1:
+            raise DataError(f"--input {cfg.input}: --engine spark reads one kind of file at a time, found {', '.join(sorted(kinds))}")
+        kind = kinds.pop()
+        reader = {"parquet": spark.read.parquet, "csv": lambda *p: spark.read.csv(list(p), header=True, multiLine=True),
+                  "jsonl": spark.read.json}[kind]
+        frame = reader(*files)
+    for option, column in (("--id-column", cfg.id_column), ("--text-column", cfg.text_column)):
+        if column not in frame.columns:
+            raise DataError(f"{cfg.input}: no column '{column}' ({option}); its columns: {', '.join(frame.columns)}")
+    frame = frame.select(F.col(cfg.id_column).alias("id"), F.col(cfg.text_column).alias("text"))
+    read = frame.count()
+    done = None
+    for folder in (Path(output), Path(output) / "_bad_rows"):
+        if any(folder.glob("*.parquet")):
+            ids = spark.read.parquet(str(folder)).where(F.col("model") == model).select("id")
+            done = ids if done is None else done.unionByName(ids)
+    if done is not None:
+        frame = frame.join(done.withColumn("id", F.col("id").cast(frame.schema["id"].dataType)), on="id", how="left_anti")
+    id_type = frame.schema["id"].dataType
+    schema = T.StructType([
+        T.StructField("id", id_type), T.StructField("label", T.LongType()), T.StructField("sentiment", T.StringType()),
+        T.StructField("confidence", T.DoubleType()), T.StructField("prob_positive", T.DoubleType()),
+        T.StructField("model", T.StringType()), T.StructField("scored_at", T.StringType()), T.StructField("reason", T.StringType()),
+    ])
+    if not isinstance(frame.schema["text"].dataType, T.StringType):
+        frame = frame.withColumn("text", F.col("text").cast("string"))
+    # computed once, here: the writes below change the sink that the anti-join reads, so nothing may be recomputed after
+    scored = frame.mapInPandas(spark_partition_scorer(checkpoint, model, cfg.batch_size, cfg.mixed_precision), schema).localCheckpoint()
+    bad = scored.where(F.col("reason").isNotNull()).select(
+        "id", "reason", F.lit(str(cfg.input)).alias("source"), F.lit(None).cast("long").alias("row"), "model",
+        F.col("scored_at").alias("seen_at"))
+    good = scored.where(F.col("reason").isNull()).drop("reason")
+    counts = {"read": read, "scored": good.count(), "bad": bad.count()}
+    counts["skipped"] = read - counts["scored"] - counts["bad"]
+    bad.write.mode("append").parquet(str(Path(output) / "_bad_rows"))
+    good.write.mode("append").parquet(str(output))
+    spark.stop()
+    return counts
