@@ -15,3 +15,19 @@ def test_tfidf_baseline_scores_both_fits_with_and_without_emoticons(weibo_csv):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line.split() for line in result.stdout.splitlines() if line.startswith("training texts")]
     assert len(rows) == 2 and all(0.0 <= float(value) <= 1.0 for row in rows for value in row[-4:])
+
+
+def test_serve_load_smoke_mode_measures_every_server(trained):
+    checkpoint = trained("bert_lora")[0] / "best"
+    result = run_script(REPO_ROOT / "bench" / "serve_load.py", "--smoke", "--checkpoint", checkpoint, "--adapters", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for line in ("ours ", "ours fp32", "original", "RSS, 2 shared", "RSS, 2 copies", '"texts_per_s"'):
+        assert line in result.stdout
+    assert '"errors": {}' in result.stdout
+
+
+def test_score_scale_smoke_mode_measures_rate_and_memory(trained):
+    checkpoint = trained("adapter_tuning")[0] / "best"
+    result = run_script(REPO_ROOT / "bench" / "score_scale.py", "--smoke", "--engines", "local", "--checkpoint", checkpoint)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "300 rows" in result.stdout and "600 rows" in result.stdout and "peak RSS" in result.stdout

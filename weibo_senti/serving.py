@@ -35,7 +35,8 @@ class Limits:
     max_texts_per_request: int = 256
     max_text_chars: int = 5000
     max_body_bytes: int = 1_000_000
-    max_batch_size: int = 64
+    max_batch_size: int = 128
+    forward_batch_size: int = 16
     max_wait_ms: float = 5.0
     max_queue: int = 4096  # texts waiting for the model, over all requests
     request_timeout_s: float = 30.0
@@ -106,11 +107,12 @@ def load_models(checkpoints, mixed_precision):
         key = (str(base_model_of(info).resolve()), info["max_length"]) if info.get("method") in SHARES_BASE else None
         if key in shared:
             classifier = shared[key]
+            adapter = f"served_{len(served)}"  # not the served name: PEFT's adapter names must not hold '.' or be 'default'
             try:
-                classifier.model.load_adapter(str(folder), adapter_name=name)
+                classifier.model.load_adapter(str(folder), adapter_name=adapter)
             except Exception as error:
                 raise CheckpointError(f"{folder}: cannot load it as an adapter of {key[0]} ({type(error).__name__}: {error})") from None
-            served[name] = Served(name, path, info, classifier, adapter=name)
+            served[name] = Served(name, path, info, classifier, adapter=adapter)
         else:
             classifier = Classifier.load(path, mixed_precision=mixed_precision)
             if key is not None:
@@ -222,7 +224,7 @@ class Batcher:
         only its own request."""
         adapters = [item.adapter for item in batch] if batch[0].adapter is not None else None
         try:
-            return self.classifier.predict([item.text for item in batch], self.limits.max_batch_size, adapters)
+            return self.classifier.predict([item.text for item in batch], self.limits.forward_batch_size, adapters)
         except Exception:
             outcomes = []
             for item in batch:
