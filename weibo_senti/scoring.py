@@ -30,8 +30,15 @@ BAD_COLUMNS = ["id", "reason", "source", "row", "model", "seen_at"]
 FILE_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 
 
+FILESYSTEM_SCHEMES = ("file", "hdfs", "viewfs", "s3", "s3a", "s3n", "gs", "abfs", "abfss", "wasb", "wasbs")  # Spark's, not SQL
+
+
 def is_database(location):
-    return "://" in str(location)
+    return "://" in str(location) and str(location).split("://")[0].lower() not in FILESYSTEM_SCHEMES
+
+
+def is_remote_path(location):
+    return "://" in str(location) and not is_database(location)
 
 
 def model_name(checkpoint):
@@ -255,7 +262,22 @@ class TableSink:
                     connection.execute(table.insert(), records)
 
 
-class ParquetSink:
+class _IdsInMemory:
+    """For file sinks: the ids already written for a model, read once (load_ids) and kept up to date by remember()."""
+
+    def done(self, model, ids):
+        if model not in self.seen:
+            self.seen[model] = self.load_ids(model)
+        seen = self.seen[model]  # (not Series.isin, which copies the whole set on every chunk)
+        return pd.Series([str(i) in seen for i in ids], index=ids.index)
+
+    def remember(self, frame):
+        for model, ids in frame.groupby("model")["id"]:
+            if model in self.seen:
+                self.seen[model].update(str(i) for i in ids if not pd.isna(i))
+
+
+class ParquetSink(_IdsInMemory):
     """A folder of part files; each written under a temporary name and renamed into place. The ids already there for
     a model are held in memory (about 100 bytes each) to skip them."""
 
@@ -268,20 +290,15 @@ class ParquetSink:
         self.seen, self.parts = {}, 0
         self.name = str(folder)
 
-    def _ids(self, model):
-        if model not in self.seen:
-            import pyarrow.dataset as ds
+    def load_ids(self, model):
+        import pyarrow.dataset as ds
 
-            ids = set()
-            for folder in (self.folder, self.bad_folder):
-                if any(folder.glob("*.parquet")):
-                    table = ds.dataset(folder, format="parquet").to_table(columns=["id"], filter=ds.field("model") == model)
-                    ids.update(str(i) for i in table.column("id").to_pylist())
-            self.seen[model] = ids
-        return self.seen[model]
-
-    def done(self, model, ids):
-        return ids.astype(str).isin(self._ids(model))
+        ids = set()
+        for folder in (self.folder, self.bad_folder):
+            if any(folder.glob("*.parquet")):
+                table = ds.dataset(folder, format="parquet").to_table(columns=["id"], filter=ds.field("model") == model)
+                ids.update(str(i) for i in table.column("id").to_pylist())
+        return ids
 
     def _write_part(self, frame, folder):
         import pyarrow as pa
@@ -299,11 +316,10 @@ class ParquetSink:
         for frame, folder in ((bad, self.bad_folder), (results, self.folder)):
             if len(frame):
                 self._write_part(frame, folder)
-                for model, ids in frame.groupby("model")["id"]:
-                    self._ids(model).update(str(i) for i in ids if not pd.isna(i))
+                self.remember(frame)
 
 
-class CsvSink:
+class CsvSink(_IdsInMemory):
     """One CSV appended a chunk at a time (one write and fsync each); bad rows go to <stem>.bad.csv."""
 
     def __init__(self, path):
@@ -315,18 +331,13 @@ class CsvSink:
         for file in (self.path, self.bad_path):
             _drop_unfinished_line(file)
 
-    def _ids(self, model):
-        if model not in self.seen:
-            ids = set()
-            for file in (self.path, self.bad_path):
-                if file.is_file() and file.stat().st_size:
-                    for frame in pd.read_csv(file, usecols=["id", "model"], dtype=str, keep_default_na=False, chunksize=100_000):
-                        ids.update(frame.loc[frame["model"] == model, "id"])
-            self.seen[model] = ids
-        return self.seen[model]
-
-    def done(self, model, ids):
-        return ids.astype(str).isin(self._ids(model))
+    def load_ids(self, model):
+        ids = set()
+        for file in (self.path, self.bad_path):
+            if file.is_file() and file.stat().st_size:
+                for frame in pd.read_csv(file, usecols=["id", "model"], dtype=str, keep_default_na=False, chunksize=100_000):
+                    ids.update(frame.loc[frame["model"] == model, "id"])
+        return ids
 
     def write(self, results, bad):
         for frame, file, columns in ((bad, self.bad_path, BAD_COLUMNS), (results, self.path, RESULT_COLUMNS)):
@@ -338,8 +349,7 @@ class CsvSink:
                 handle.write(text)
                 handle.flush()
                 os.fsync(handle.fileno())
-            for model, ids in frame.groupby("model")["id"]:
-                self._ids(model).update(str(i) for i in ids if not pd.isna(i))
+            self.remember(frame)
 
 
 def _drop_unfinished_line(file):
@@ -363,6 +373,9 @@ def open_source(cfg):
         return TableSource(cfg.input, cfg.table, cfg.id_column, cfg.text_column, cfg.where)
     if cfg.where or cfg.table:
         raise DataError("--table and --where are for database inputs (a SQLAlchemy URL)")
+    if is_remote_path(cfg.input) or is_remote_path(cfg.output):
+        raise DataError(f"{cfg.input if is_remote_path(cfg.input) else cfg.output}: --engine local reads and writes local files; "
+                        "use --engine spark for hdfs://, s3a:// and other cluster paths")
     return FileSource(cfg.input, cfg.id_column, cfg.text_column)
 
 
@@ -528,11 +541,12 @@ def score_spark(cfg, checkpoint, model):
     import pyspark.sql.functions as F
     from pyspark.sql import SparkSession
     from pyspark.sql import types as T
+    from pyspark.errors import AnalysisException
 
     from . import REPO_ROOT
 
     output = cfg.output
-    if not output or is_database(output) or Path(output).suffix:
+    if not output or is_database(output) or Path(str(output)).suffix:
         raise DataError("--engine spark writes a Parquet folder: give --output FOLDER (no suffix)")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))  # local workers
     spark = (
@@ -548,11 +562,15 @@ def score_spark(cfg, checkpoint, model):
         if cfg.where:
             frame = frame.where(cfg.where)
     else:
-        files = [str(path) for path in FileSource(cfg.input, cfg.id_column, cfg.text_column).files]
-        kinds = {FILE_SUFFIXES[Path(path).suffix] for path in files}
-        if len(kinds) > 1:
-            raise DataError(f"--input {cfg.input}: --engine spark reads one kind of file at a time, found {', '.join(sorted(kinds))}")
-        kind = kinds.pop()
+        if is_remote_path(cfg.input):  # read by Spark itself; the kind from the name, Parquet if it has none
+            files = [str(cfg.input)]
+            kind = FILE_SUFFIXES.get(Path(str(cfg.input).rstrip("/*")).suffix, "parquet")
+        else:
+            files = [str(path) for path in FileSource(cfg.input, cfg.id_column, cfg.text_column).files]
+            kinds = {FILE_SUFFIXES[Path(path).suffix] for path in files}
+            if len(kinds) > 1:
+                raise DataError(f"--input {cfg.input}: --engine spark reads one kind of file at a time, found {', '.join(sorted(kinds))}")
+            kind = kinds.pop()
         reader = {"parquet": spark.read.parquet, "csv": lambda *p: spark.read.csv(list(p), header=True, multiLine=True),
                   "jsonl": spark.read.json}[kind]
         frame = reader(*files)
@@ -562,10 +580,12 @@ def score_spark(cfg, checkpoint, model):
     frame = frame.select(F.col(cfg.id_column).alias("id"), F.col(cfg.text_column).alias("text"))
     read = frame.count()
     done = None
-    for folder in (Path(output), Path(output) / "_bad_rows"):
-        if any(folder.glob("*.parquet")):
-            ids = spark.read.parquet(str(folder)).where(F.col("model") == model).select("id")
-            done = ids if done is None else done.unionByName(ids)
+    for folder in (str(output), f"{str(output).rstrip('/')}/_bad_rows"):
+        try:
+            ids = spark.read.parquet(folder).where(F.col("model") == model).select("id")
+        except AnalysisException:  # no such folder yet, or nothing in it
+            continue
+        done = ids if done is None else done.unionByName(ids)
     if done is not None:
         frame = frame.join(done.withColumn("id", F.col("id").cast(frame.schema["id"].dataType)), on="id", how="left_anti")
     id_type = frame.schema["id"].dataType
@@ -584,7 +604,7 @@ def score_spark(cfg, checkpoint, model):
     good = scored.where(F.col("reason").isNull()).drop("reason")
     counts = {"read": read, "scored": good.count(), "bad": bad.count()}
     counts["skipped"] = read - counts["scored"] - counts["bad"]
-    bad.write.mode("append").parquet(str(Path(output) / "_bad_rows"))
+    bad.write.mode("append").parquet(f"{str(output).rstrip('/')}/_bad_rows")
     good.write.mode("append").parquet(str(output))
     spark.stop()
     return counts
