@@ -1,6 +1,5 @@
 """score.py against real files, a real SQLite file, a real PostgreSQL server on loopback, and Spark in local[2]."""
 import glob
-import json
 import os
 import shutil
 import signal
@@ -173,6 +172,11 @@ def test_bad_input_is_named(checkpoint, tmp_path):
     assert "no table 'weibo_note'" in result.stderr
     result = score("--input", tmp_path / "nothing.csv", "--output", tmp_path / "o", "--checkpoint", checkpoint, expect=2)
     assert "no such file" in result.stderr and "Traceback" not in result.stderr
+    from filelock import FileLock
+
+    with FileLock(f"{tmp_path / 'o.csv'}.lock"):  # another run writing the same output
+        result = score("--input", tmp_path / "p.csv", "--output", tmp_path / "o.csv", "--id-column", "note_id", "--checkpoint", checkpoint, expect=2)
+    assert "being written by another score.py run" in result.stderr
 
 
 def _start_postgres():

@@ -229,7 +229,7 @@ class TableSink:
             sa.Column("model", sa.String(200)), sa.Column("seen_at", sa.String(32)), sa.Index(f"ix_{table}_bad_model_id", "model", "id"),
         )
         metadata.create_all(self.engine)  # existing tables are kept as they are; what they hold is checked below
-        self.name = table
+        self.name, self.lock_path = table, None
         reflected = {}
         for wanted, columns in ((self.table, RESULT_COLUMNS), (self.bad, BAD_COLUMNS)):
             reflected[wanted.name] = sa.Table(wanted.name, sa.MetaData(), autoload_with=self.engine)
@@ -288,7 +288,7 @@ class ParquetSink(_IdsInMemory):
         for leftover in [*self.folder.glob(".*.tmp"), *self.bad_folder.glob(".*.tmp")]:
             leftover.unlink()  # a part a killed run did not finish
         self.seen, self.parts = {}, 0
-        self.name = str(folder)
+        self.name, self.lock_path = str(folder), self.folder / ".score.lock"
 
     def load_ids(self, model):
         import pyarrow.dataset as ds
@@ -327,7 +327,7 @@ class CsvSink(_IdsInMemory):
         if not self.path.parent.is_dir():
             raise DataError(f"--output {path}: the folder {self.path.parent} does not exist")
         self.seen = {}
-        self.name = str(path)
+        self.name, self.lock_path = str(path), f"{path}.lock"
         for file in (self.path, self.bad_path):
             _drop_unfinished_line(file)
 
@@ -422,7 +422,8 @@ def score(cfg, classifier, model, score_batch=None):
     """The local engine: read, skip, score and write chunk by chunk. Returns the summary counts."""
     source = open_source(cfg)
     sink = open_sink(cfg, source)
-    lock = FileLock(f"{sink.folder / '.score.lock'}" if isinstance(sink, ParquetSink) else f"{sink.path}.lock") if not isinstance(sink, TableSink) else nullcontext()
+    # a file output takes one writer at a time; a database output is safe by its transactions and primary key
+    lock = FileLock(sink.lock_path, timeout=0) if sink.lock_path else nullcontext()
     counts = {"read": 0, "scored": 0, "skipped": 0, "bad": 0}
     try:
         with lock:
