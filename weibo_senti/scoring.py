@@ -418,7 +418,7 @@ def split_chunk(chunk, sink, model):
     return todo, bad, int(already.sum())
 
 
-def score(cfg, classifier, model, score_batch=None):
+def score(cfg, classifier, model):
     """The local engine: read, skip, score and write chunk by chunk. Returns the summary counts."""
     source = open_source(cfg)
     sink = open_sink(cfg, source)
