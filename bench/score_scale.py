@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.serve_load import rss_mb  # noqa: E402
 from weibo_senti import REPO_ROOT, repo_relative  # noqa: E402
 from weibo_senti.checkpoint import atomic_file, write_json_atomic  # noqa: E402
 
@@ -34,17 +35,14 @@ def tree_rss_mb(pid):
             continue
         children.setdefault(int(fields["PPid"]), []).append((int(status.parent.name), fields.get("VmRSS", "0 kB")))
     total, stack = 0, [pid]
-    own = Path(f"/proc/{pid}/status")
-    if own.exists():
-        try:
-            total += int([line for line in own.read_text().splitlines() if line.startswith("VmRSS")][0].split()[1])
-        except (OSError, IndexError):
-            pass
     while stack:
         for child, rss in children.get(stack.pop(), []):
             total += int(rss.split()[0])
             stack.append(child)
-    return total / 1024
+    try:
+        return total / 1024 + (rss_mb(pid) or 0)
+    except OSError:  # the process ended meanwhile
+        return total / 1024
 
 
 def run(command):

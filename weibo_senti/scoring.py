@@ -133,9 +133,7 @@ class FileSource:
                         "source": str(file), "row": range(row + 1, row + 1 + len(frame)),
                     })
                     row += len(frame)
-            except (ValueError, OSError) as error:
-                if isinstance(error, DataError):
-                    raise
+            except (ValueError, OSError) as error:  # a damaged file; our own DataError passes through
                 raise DataError(f"{file}: cannot be read after row {row:,}: {error}") from None
 
 
@@ -431,7 +429,7 @@ def score(cfg, classifier, model):
                 for chunk in source.chunks(cfg.chunk_rows):
                     todo, bad, skipped = split_chunk(chunk, sink, model)
                     results = score_rows(classifier, todo, model, cfg.batch_size)
-                    failed = results["label"].isna() if len(results) else pd.Series(dtype=bool)
+                    failed = results["label"].isna()
                     if failed.any():  # texts the model could not take: bad rows, with the reason it gave
                         bad = pd.concat([bad, todo[failed.to_numpy()].assign(reason=results.loc[failed, "error"].to_numpy())])
                         results = results[~failed]
