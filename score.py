@@ -5,6 +5,7 @@ python score.py --input 'crawl/*.jsonl' --output scored.csv --id-column note_id
 python score.py --input sqlite:///posts.db --table weibo_note --id-column note_id --text-column content
 python score.py --input postgresql+psycopg://user:pw@host/db --table weibo_note --where "create_time > '2026-11-01'"
 python score.py --engine spark --input crawl/ --output scored/ --master spark://host:7077
+python score.py --engine spark --input postgresql+psycopg://user:pw@host/db --table weibo_note   # JDBC in and out
 
 A database input writes to <table>_sentiment in the same database unless --output / --output-table say otherwise.
 Ids already in the output for the same model are skipped, so a rerun scores only new posts; a killed run started again
@@ -27,8 +28,10 @@ TEXT_COLUMN = "content"  # the column with the text to score
 WHERE = ""  # an SQL condition on the input table, e.g. "create_time > '2026-11-01'"
 OUTPUT_TABLE = ""  # the output table, for a database output (default: <TABLE>_sentiment)
 CHECKPOINT = ""  # checkpoint folder (default: bert_lora's best, or the shipped classifier until you have trained one)
-ENGINE = "local"  # local, or spark (mapInPandas; Parquet / CSV / JSON files or a JDBC table in, a Parquet folder out)
+ENGINE = "local"  # local, or spark (mapInPandas; files or a database table through JDBC in, a Parquet folder or a table out)
 MASTER = "local[*]"  # Spark master URL, for --engine spark
+SPARK_MEMORY = "1g"  # heap of Spark's driver and of each executor (the JVM's; the model lives in the Python workers)
+SPARK_JARS = ""  # JDBC driver jars, comma-separated (default: the jar of Debian's libpostgresql-jdbc-java or libxerial-sqlite-jdbc-java)
 CHUNK_ROWS = 2000  # rows read, scored and written at a time (one transaction or part file each)
 BATCH_SIZE = 64  # texts per model call
 MIXED_PRECISION = "auto"  # auto (bf16 where the CPU or GPU computes it natively, else fp32), no, bf16 or fp16 (CUDA only)

@@ -6,7 +6,8 @@ python bench/score_scale.py --checkpoint models/classifiers/bert_lora --rows 500
 python bench/score_scale.py --smoke                                # seconds, on a tiny input: checks that it runs (CI)
 
 Each run is `score.py` in a fresh process writing a fresh Parquet folder; its peak memory is the largest sum of the
-resident memory of its whole process tree (for Spark: the JVM and its Python workers), sampled every 0.1 s.
+resident memory of its whole process tree (for Spark: the JVM and its Python workers), sampled every 0.1 s; the peaks of
+its Python processes and of the JVM are reported too (each its own largest sum, so the two need not add up to the total).
 Writes results/score_scale.json and results/score_scale.md.
 """
 import argparse
@@ -26,30 +27,37 @@ from weibo_senti.checkpoint import atomic_file, write_json_atomic  # noqa: E402
 
 
 def tree_rss_mb(pid):
-    """Resident memory of a process and all its descendants (Linux /proc), in MB."""
+    """Resident memory of a process and all its descendants (Linux /proc), in MB: {"total", "java", "python"}."""
     children = {}
     for status in Path("/proc").glob("[0-9]*/status"):
         try:
             fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
         except OSError:
             continue
-        children.setdefault(int(fields["PPid"]), []).append((int(status.parent.name), fields.get("VmRSS", "0 kB")))
-    total, stack = 0, [pid]
-    while stack:
-        for child, rss in children.get(stack.pop(), []):
-            total += int(rss.split()[0])
-            stack.append(child)
+        children.setdefault(int(fields["PPid"]), []).append(
+            (int(status.parent.name), fields["Name"].strip(), int(fields.get("VmRSS", "0 kB").split()[0]) / 1024))
     try:
-        return total / 1024 + (rss_mb(pid) or 0)
+        own = rss_mb(pid) or 0
     except OSError:  # the process ended meanwhile
-        return total / 1024
+        own = 0
+    parts, stack = {"total": own, "java": 0.0, "python": own}, [pid]
+    while stack:
+        for child, name, rss in children.get(stack.pop(), []):
+            parts["total"] += rss
+            kind = "java" if name == "java" else "python" if name.startswith("python") else None
+            if kind:
+                parts[kind] += rss
+            stack.append(child)
+    return parts
 
 
 def run(command):
+    """Runs a command to its end: (seconds, the peak of each part of its memory, its summary line)."""
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    began, peak = time.perf_counter(), 0.0
+    began, peak = time.perf_counter(), {}
     while process.poll() is None:
-        peak = max(peak, tree_rss_mb(process.pid))
+        for part, mb in tree_rss_mb(process.pid).items():
+            peak[part] = max(peak.get(part, 0.0), mb)
         time.sleep(0.1)
     seconds = time.perf_counter() - began
     stderr = process.stderr.read()
@@ -96,10 +104,11 @@ def main(argv=None):
                            "--checkpoint", str(args.checkpoint), "--engine", engine, "--master", "local[2]"]
                 seconds, peak, summary = run(command)
                 entry = {"engine": engine, "rows": rows, "seconds": round(seconds, 1), "texts_per_s": rows / seconds,
-                         "peak_rss_mb": round(peak), "summary": summary}
+                         "peak_rss_mb": round(peak["total"]), "peak_python_rss_mb": round(peak["python"]),
+                         "peak_java_rss_mb": round(peak["java"]), "summary": summary}
                 report["runs"].append(entry)
                 print(f"{engine:>6} {rows:>9,} rows: {entry['texts_per_s']:7.1f} texts/s (whole command, start-up included), "
-                      f"peak RSS {peak:,.0f} MB", flush=True)
+                      f"peak RSS {peak['total']:,.0f} MB (Python {peak['python']:,.0f}, JVM {peak['java']:,.0f})", flush=True)
     for engine in args.engines.split(","):
         runs = [r for r in report["runs"] if r["engine"] == engine]
         if len(runs) == 2:
@@ -108,8 +117,10 @@ def main(argv=None):
         return report
     write_json_atomic(args.output, report)
     lines = [f"`{report['command']}` ({report['machine']}, checkpoint `{report['checkpoint']}`)", "",
-             "| engine | rows | seconds | texts/s | peak RSS MB |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['engine']} | {r['rows']:,} | {r['seconds']} | {r['texts_per_s']:.1f} | {r['peak_rss_mb']:,} |" for r in report["runs"]]
+             "| engine | rows | seconds | texts/s | peak RSS MB | of which Python | of which JVM |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['engine']} | {r['rows']:,} | {r['seconds']} | {r['texts_per_s']:.1f} | {r['peak_rss_mb']:,} | "
+              f"{r['peak_python_rss_mb']:,} | {r['peak_java_rss_mb']:,} |" for r in report["runs"]]
     lines += [""] + [f"{engine}: peak memory at {args.repeats}x the rows / at 1x = {report[f'{engine}_peak_memory_ratio']:.2f}"
                      for engine in args.engines.split(",") if f"{engine}_peak_memory_ratio" in report]
     with atomic_file(args.output.with_suffix(".md")) as handle:

@@ -170,6 +170,8 @@ def test_bad_input_is_named(checkpoint, tmp_path):
     assert "no column 'id' (--id-column)" in result.stderr and "note_id, content" in result.stderr
     result = score("--input", f"sqlite:///{tmp_path / 'x.db'}", "--table", "weibo_note", "--checkpoint", checkpoint, expect=2)
     assert "no table 'weibo_note'" in result.stderr
+    result = score("--input", "postgresql+psycopg://crawler:secret@127.0.0.1:1/crawl", "--table", "weibo_note", "--checkpoint", checkpoint, expect=2)
+    assert "crawler:***@127.0.0.1:1/crawl: cannot connect" in result.stderr and "secret" not in result.stderr
     result = score("--input", tmp_path / "nothing.csv", "--output", tmp_path / "o", "--checkpoint", checkpoint, expect=2)
     assert "no such file" in result.stderr and "Traceback" not in result.stderr
     from filelock import FileLock
@@ -252,3 +254,35 @@ def test_spark_engine_scores_a_parquet_folder_like_the_local_engine(checkpoint, 
     # the local engine sees the Spark run's results as already scored: one sink, either engine
     result = score("--input", crawl, "--output", tmp_path / "spark_out", "--id-column", "note_id", "--checkpoint", checkpoint)
     assert summary(result) == {"read": 40, "scored": 0, "skipped": 40, "bad": 0}
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_spark_engine_scores_a_database_table_through_jdbc(checkpoint, tmp_path, database, request):
+    pytest.importorskip("pyspark")
+    from weibo_senti.scoring import JDBC_DRIVERS
+
+    _, jar, package = JDBC_DRIVERS[database]
+    if not Path(jar).is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"no JDBC driver at {jar}: .ci/run installs {package}")
+        pytest.skip(f"no JDBC driver here (apt-get install {package})")
+    url = f"sqlite:///{tmp_path / 'crawl.db'}" if database == "sqlite" else request.getfixturevalue("postgres_url")
+    engine = sa.create_engine(url)
+    table = posts(40)
+    with engine.begin() as connection:
+        for name in ("spark_note", "spark_note_sentiment", "spark_note_sentiment_bad"):
+            connection.execute(sa.text(f"drop table if exists {name}"))
+        connection.execute(sa.text("create table spark_note (note_id bigint primary key, content text)"))
+    table.to_sql("spark_note", engine, if_exists="append", index=False)
+    args = ("--engine", "spark", "--master", "local[2]", "--input", url, "--table", "spark_note", "--id-column", "note_id",
+            "--checkpoint", checkpoint)
+    assert summary(score(*args, "--where", "note_id <= 30")) == {"read": 30, "scored": 28, "skipped": 0, "bad": 2}
+    assert summary(score(*args)) == {"read": 40, "scored": 10, "skipped": 30, "bad": 0}
+    scored = pd.read_sql_table("spark_note_sentiment", engine)
+    check_results(scored, expected(checkpoint, table), model_name(checkpoint))
+    bad = pd.read_sql_table("spark_note_sentiment_bad", engine)
+    assert sorted(bad["id"]) == [4, 8] and set(bad["reason"]) == {"NULL text", "empty text"}
+    # the tables are the local engine's: it finds everything already scored
+    local = ("--input", url, "--table", "spark_note", "--id-column", "note_id", "--checkpoint", checkpoint)
+    assert summary(score(*local)) == {"read": 40, "scored": 0, "skipped": 40, "bad": 0}
+    engine.dispose()

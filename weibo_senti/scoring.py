@@ -191,9 +191,14 @@ def engine_for(url):
     import sqlalchemy as sa
 
     try:
-        return sa.create_engine(url)
+        engine = sa.create_engine(url)
     except Exception as error:  # unknown dialect, missing driver
         raise DataError(f"{safe_url(url)}: {error}") from None
+    try:
+        with engine.connect():
+            return engine
+    except sa.exc.DBAPIError as error:  # no server, wrong password, no such database
+        raise DataError(f"{safe_url(url)}: cannot connect: {str(error.orig).strip().splitlines()[0]}") from None
 
 
 def safe_url(url):
@@ -491,6 +496,10 @@ def spark_partition_scorer(checkpoint, model, batch_size, mixed_precision):
 
         key = (str(checkpoint), mixed_precision)
         if key not in _WORKER_CLASSIFIERS:  # Python workers are reused across tasks, so this loads once per worker
+            import transformers
+
+            transformers.logging.set_verbosity_error()  # as cli.main does in the driver: no load report per worker
+            transformers.logging.disable_progress_bar()
             _WORKER_CLASSIFIERS[key] = Classifier.load(checkpoint, mixed_precision=mixed_precision)
         classifier = _WORKER_CLASSIFIERS[key]
         for frame in frames:
@@ -515,17 +524,27 @@ class _NothingDone:
         return pd.Series(False, index=ids.index)
 
 
-def jdbc_options(url, table):
-    """A SQLAlchemy URL -> Spark's JDBC reader options (the driver jar must be on Spark's classpath)."""
+JDBC_DRIVERS = {  # SQLAlchemy backend: (JDBC driver class, the jar a Debian / Ubuntu package installs, that package)
+    "postgresql": ("org.postgresql.Driver", "/usr/share/java/postgresql.jar", "libpostgresql-jdbc-java"),
+    "sqlite": ("org.sqlite.JDBC", "/usr/share/java/sqlite-jdbc.jar", "libxerial-sqlite-jdbc-java"),
+    "mysql": ("com.mysql.cj.jdbc.Driver", None, "MySQL Connector/J"),
+}
+
+
+def jdbc_options(url):
+    """A SQLAlchemy URL -> Spark's JDBC options: url, driver, user, password."""
     import sqlalchemy as sa
 
     parsed = sa.make_url(url)
     backend = parsed.get_backend_name()
-    drivers = {"postgresql": "org.postgresql.Driver", "mysql": "com.mysql.cj.jdbc.Driver"}
-    if backend not in drivers:
-        raise DataError(f"--engine spark reads databases through JDBC: PostgreSQL or MySQL, not {backend}")
+    if backend not in JDBC_DRIVERS:
+        raise DataError(f"--engine spark reaches databases through JDBC: {', '.join(JDBC_DRIVERS)}, not {backend}")
+    if backend == "sqlite":
+        if not parsed.database or parsed.database == ":memory:":
+            raise DataError(f"{url}: --engine spark needs a SQLite file, not an in-memory database")
+        return {"url": f"jdbc:sqlite:{Path(parsed.database).resolve()}", "driver": JDBC_DRIVERS[backend][0]}
     port = f":{parsed.port}" if parsed.port else ""
-    options = {"url": f"jdbc:{backend}://{parsed.host or 'localhost'}{port}/{parsed.database}", "dbtable": table, "driver": drivers[backend]}
+    options = {"url": f"jdbc:{backend}://{parsed.host or 'localhost'}{port}/{parsed.database}", "driver": JDBC_DRIVERS[backend][0]}
     if parsed.username:
         options["user"] = parsed.username
     if parsed.password:
@@ -533,77 +552,131 @@ def jdbc_options(url, table):
     return options
 
 
+def jdbc_jars(jars, urls):
+    """--spark-jars, or the driver jar the system package installs for each database in use; a clear error if none."""
+    if jars:
+        return jars
+    found = []
+    for url in urls:
+        import sqlalchemy as sa
+
+        _, jar, package = JDBC_DRIVERS.get(sa.make_url(url).get_backend_name(), (None, None, None))
+        if jar and Path(jar).is_file():
+            found.append(jar)
+        elif package:
+            hint = f"apt-get install {package}, or " if jar else ""
+            raise DataError(f"{safe_url(url)}: --engine spark needs the JDBC driver jar ({hint}--spark-jars PATH.jar)")
+    return ",".join(sorted(set(found)))
+
+
+def sql_for(engine, query):
+    """A SQLAlchemy query as SQL text in the database's dialect, for Spark's JDBC `query` option."""
+    return str(query.compile(engine, compile_kwargs={"literal_binds": True}))
+
+
 def score_spark(cfg, checkpoint, model):
-    """--engine spark: Parquet / CSV / JSON files or a JDBC table in, a Parquet folder out (the same layout as the
-    local engine's: part files, _bad_rows/). Each run is two Spark jobs (bad rows, then results); Spark's commit
-    protocol makes each all or nothing, and the anti-join against the sink makes a rerun score only what is missing."""
+    """--engine spark: Parquet / CSV / JSON files or a database table (JDBC) in; a Parquet folder or a database table
+    out, with the same layout as the local engine's (part files and _bad_rows/; <table> and <table>_bad). Each run is
+    two Spark writes (bad rows, then results). A Parquet write is all or nothing by Spark's commit protocol, a JDBC
+    write is one transaction per partition, and the anti-join against the sink makes a rerun score only what is missing."""
     import pyspark.sql.functions as F
+    import sqlalchemy as sa
     from pyspark.sql import SparkSession
     from pyspark.sql import types as T
     from pyspark.errors import AnalysisException
 
     from . import REPO_ROOT
 
-    output = cfg.output
-    if not output or is_database(output) or Path(str(output)).suffix:
-        raise DataError("--engine spark writes a Parquet folder: give --output FOLDER (no suffix)")
+    output = cfg.output or (cfg.input if is_database(cfg.input) else "")
+    if not output or (not is_database(output) and Path(str(output)).suffix):
+        raise DataError("--engine spark writes a Parquet folder (--output FOLDER, no suffix) or a database table (--output URL)")
+    if not is_database(cfg.input) and (cfg.where or cfg.table):
+        raise DataError("--table and --where are for database inputs (a SQLAlchemy URL)")
+    # checked on the driver, with the local engine's messages, before Spark starts
+    source = TableSource(cfg.input, cfg.table, cfg.id_column, cfg.text_column, cfg.where) if is_database(cfg.input) else None
+    sink = open_sink(cfg, source) if is_database(output) else None
+    jars = jdbc_jars(cfg.spark_jars, [url for url in (cfg.input, output) if is_database(url)])
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))  # local workers
-    spark = (
+    builder = (
         SparkSession.builder.master(cfg.master).appName("weibo-senti score.py")
+        .config("spark.driver.memory", cfg.spark_memory).config("spark.executor.memory", cfg.spark_memory)
         .config("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.chunk_rows))
-        .config("spark.ui.enabled", "false").getOrCreate()
+        .config("spark.ui.enabled", "false")
     )
+    spark = (builder.config("spark.jars", jars) if jars else builder).getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
-    if is_database(cfg.input):
-        if not cfg.table:
-            raise DataError(f"--input {safe_url(cfg.input)} is a database: name the table with --table")
-        frame = spark.read.format("jdbc").options(**jdbc_options(cfg.input, cfg.table)).load()
-        if cfg.where:
-            frame = frame.where(cfg.where)
+
+    def read_jdbc(url, query):
+        return spark.read.format("jdbc").options(**jdbc_options(url), query=query, fetchsize=str(cfg.chunk_rows)).load()
+
+    if source is not None:
+        query = sa.select(source.id.label("id"), source.text.label("text")).where(source.where)
+        # one JDBC connection reads the table; spread its rows over the workers before the model runs
+        frame = read_jdbc(cfg.input, sql_for(source.engine, query)).repartition(spark.sparkContext.defaultParallelism)
     else:
-        if is_remote_path(cfg.input):  # read by Spark itself; the kind from the name, Parquet if it has none
-            files = [str(cfg.input)]
-            kind = FILE_SUFFIXES.get(Path(str(cfg.input).rstrip("/*")).suffix, "parquet")
-        else:
-            files = [str(path) for path in FileSource(cfg.input, cfg.id_column, cfg.text_column).files]
-            kinds = {FILE_SUFFIXES[Path(path).suffix] for path in files}
-            if len(kinds) > 1:
-                raise DataError(f"--input {cfg.input}: --engine spark reads one kind of file at a time, found {', '.join(sorted(kinds))}")
-            kind = kinds.pop()
-        reader = {"parquet": spark.read.parquet, "csv": lambda *p: spark.read.csv(list(p), header=True, multiLine=True),
-                  "jsonl": spark.read.json}[kind]
-        frame = reader(*files)
-    for option, column in (("--id-column", cfg.id_column), ("--text-column", cfg.text_column)):
-        if column not in frame.columns:
-            raise DataError(f"{cfg.input}: no column '{column}' ({option}); its columns: {', '.join(frame.columns)}")
-    frame = frame.select(F.col(cfg.id_column).alias("id"), F.col(cfg.text_column).alias("text"))
+        frame = read_files_spark(spark, cfg)
     read = frame.count()
     done = None
-    for folder in (str(output), f"{str(output).rstrip('/')}/_bad_rows"):
-        try:
-            ids = spark.read.parquet(folder).where(F.col("model") == model).select("id")
-        except AnalysisException:  # no such folder yet, or nothing in it
-            continue
-        done = ids if done is None else done.unionByName(ids)
+    if sink is not None:
+        query = sa.union_all(*(sa.select(table.c.id).where(table.c.model == model) for table in (sink.table, sink.bad)))
+        done = read_jdbc(output, sql_for(sink.engine, query))
+    else:
+        for folder in (str(output), f"{str(output).rstrip('/')}/_bad_rows"):
+            try:
+                ids = spark.read.parquet(folder).where(F.col("model") == model).select("id")
+            except AnalysisException:  # no such folder yet, or nothing in it
+                continue
+            done = ids if done is None else done.unionByName(ids)
     if done is not None:
         frame = frame.join(done.withColumn("id", F.col("id").cast(frame.schema["id"].dataType)), on="id", how="left_anti")
-    id_type = frame.schema["id"].dataType
+    if sink is not None and sink.ids_are_text:
+        frame = frame.withColumn("id", F.col("id").cast("string"))
     schema = T.StructType([
-        T.StructField("id", id_type), T.StructField("label", T.LongType()), T.StructField("sentiment", T.StringType()),
-        T.StructField("confidence", T.DoubleType()), T.StructField("prob_positive", T.DoubleType()),
-        T.StructField("model", T.StringType()), T.StructField("scored_at", T.StringType()), T.StructField("reason", T.StringType()),
+        T.StructField("id", frame.schema["id"].dataType), T.StructField("label", T.LongType()),
+        T.StructField("sentiment", T.StringType()), T.StructField("confidence", T.DoubleType()),
+        T.StructField("prob_positive", T.DoubleType()), T.StructField("model", T.StringType()),
+        T.StructField("scored_at", T.StringType()), T.StructField("reason", T.StringType()),
     ])
     if not isinstance(frame.schema["text"].dataType, T.StringType):
         frame = frame.withColumn("text", F.col("text").cast("string"))
-    # computed once, here: the writes below change the sink that the anti-join reads, so nothing may be recomputed after
+    # computed once, here (the results only, no texts): the writes below change the sink that the anti-join reads, so
+    # nothing may be recomputed after them
     scored = frame.mapInPandas(spark_partition_scorer(checkpoint, model, cfg.batch_size, cfg.mixed_precision), schema).localCheckpoint()
     bad = scored.where(F.col("reason").isNotNull()).select(
-        "id", "reason", F.lit(str(cfg.input)).alias("source"), F.lit(None).cast("long").alias("row"), "model",
-        F.col("scored_at").alias("seen_at"))
+        "id", "reason", F.lit(source.name if source is not None else str(cfg.input)).alias("source"),
+        F.lit(None).cast("long").alias("row"), "model", F.col("scored_at").alias("seen_at"))
     good = scored.where(F.col("reason").isNull()).drop("reason")
     counts = {"read": read, "scored": good.count(), "bad": bad.count()}
     counts["skipped"] = read - counts["scored"] - counts["bad"]
-    bad.write.mode("append").parquet(f"{str(output).rstrip('/')}/_bad_rows")
-    good.write.mode("append").parquet(str(output))
+    if sink is not None:
+        # SQLite takes one writer at a time: one partition writes it
+        writers = {"numPartitions": "1"} if sink.engine.dialect.name == "sqlite" else {}
+        for rows, table in ((bad, sink.bad.name), (good, sink.table.name)):
+            rows.write.format("jdbc").options(**jdbc_options(output), dbtable=table, **writers).mode("append").save()
+    else:
+        bad.write.mode("append").parquet(f"{str(output).rstrip('/')}/_bad_rows")
+        good.write.mode("append").parquet(str(output))
     spark.stop()
     return counts
+
+
+def read_files_spark(spark, cfg):
+    """Parquet, CSV or JSON-lines files (one kind per run) as a DataFrame of id and text."""
+    import pyspark.sql.functions as F
+
+    if is_remote_path(cfg.input):  # read by Spark itself; the kind from the name, Parquet if it has none
+        files = [str(cfg.input)]
+        kind = FILE_SUFFIXES.get(Path(str(cfg.input).rstrip("/*")).suffix, "parquet")
+    else:
+        files = [str(path) for path in FileSource(cfg.input, cfg.id_column, cfg.text_column).files]
+        kinds = {FILE_SUFFIXES[Path(path).suffix] for path in files}
+        if len(kinds) > 1:
+            raise DataError(f"--input {cfg.input}: --engine spark reads one kind of file at a time, found {', '.join(sorted(kinds))}")
+        kind = kinds.pop()
+    reader = {"parquet": spark.read.parquet, "csv": lambda *p: spark.read.csv(list(p), header=True, multiLine=True),
+              "jsonl": spark.read.json}[kind]
+    frame = reader(*files)
+    for option, column in (("--id-column", cfg.id_column), ("--text-column", cfg.text_column)):
+        if column not in frame.columns:
+            raise DataError(f"{cfg.input}: no column '{column}' ({option}); its columns: {', '.join(frame.columns)}")
+    return frame.select(F.col(cfg.id_column).alias("id"), F.col(cfg.text_column).alias("text"))
