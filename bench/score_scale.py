@@ -1,7 +1,7 @@
 """Throughput and peak memory of score.py, --engine local and --engine spark (local[2]), on the dataset's rows and on the
 same rows repeated 4 times: peak memory must not grow with the input.
 
-python bench/score_scale.py                                        # the shipped adapter_tuning classifier (mini GPT-2)
+python bench/score_scale.py                                        # the shipped lora classifier (mini GPT-2: quick)
 python bench/score_scale.py --checkpoint models/classifiers/bert_lora --rows 5000 --repeats 1 --engines local
 python bench/score_scale.py --smoke                                # seconds, on a tiny input: checks that it runs (CI)
 
@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.serve_load import rss_mb  # noqa: E402
 from weibo_senti import REPO_ROOT, repo_relative  # noqa: E402
 from weibo_senti.checkpoint import atomic_file, write_json_atomic  # noqa: E402
+from weibo_senti.scoring import model_name  # noqa: E402
 
 
 def tree_rss_mb(pid):
@@ -52,14 +53,18 @@ def tree_rss_mb(pid):
 
 
 def run(command):
-    """Runs a command to its end: (seconds, the peak of each part of its memory, its summary line)."""
+    """Runs a command to its end: (seconds, the peak of each part of its memory, its summary line). peak["by_tenth"]:
+    the peak total in each tenth of the run, to tell memory that levels off from memory that keeps growing."""
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    began, peak = time.perf_counter(), {}
+    began, peak, samples = time.perf_counter(), {}, []
     while process.poll() is None:
-        for part, mb in tree_rss_mb(process.pid).items():
+        parts = tree_rss_mb(process.pid)
+        for part, mb in parts.items():
             peak[part] = max(peak.get(part, 0.0), mb)
+        samples.append((time.perf_counter() - began, parts["total"]))
         time.sleep(0.1)
     seconds = time.perf_counter() - began
+    peak["by_tenth"] = [round(max([mb for at, mb in samples if int(10 * at / seconds) == tenth] or [0])) for tenth in range(10)]
     stderr = process.stderr.read()
     if process.returncode:
         raise SystemExit(f"{' '.join(command)} failed:\n{stderr[-3000:]}")
@@ -69,7 +74,7 @@ def run(command):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", type=Path, default=REPO_ROOT / "models" / "classifiers" / "adapter_tuning")
+    parser.add_argument("--checkpoint", type=Path, default=REPO_ROOT / "models" / "classifiers" / "lora")
     parser.add_argument("--data", type=Path, default=REPO_ROOT / "dataset" / "weibo_senti_100k.csv")
     parser.add_argument("--rows", type=int, default=0, help="use the first N rows (0: all)")
     parser.add_argument("--repeats", type=int, default=4, help="the larger input: the rows this many times, with new ids")
@@ -86,7 +91,7 @@ def main(argv=None):
         table = table.iloc[:args.rows]
     report = {
         "command": "python bench/score_scale.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "checkpoint": repo_relative(args.checkpoint), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "runs": [],
+        "checkpoint": repo_relative(args.checkpoint), "model": model_name(args.checkpoint), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "runs": [],
     }
     with tempfile.TemporaryDirectory() as tmp:
         inputs = {}
@@ -105,10 +110,11 @@ def main(argv=None):
                 seconds, peak, summary = run(command)
                 entry = {"engine": engine, "rows": rows, "seconds": round(seconds, 1), "texts_per_s": rows / seconds,
                          "peak_rss_mb": round(peak["total"]), "peak_python_rss_mb": round(peak["python"]),
-                         "peak_java_rss_mb": round(peak["java"]), "summary": summary}
+                         "peak_java_rss_mb": round(peak["java"]), "peak_rss_mb_by_tenth": peak["by_tenth"], "summary": summary}
                 report["runs"].append(entry)
                 print(f"{engine:>6} {rows:>9,} rows: {entry['texts_per_s']:7.1f} texts/s (whole command, start-up included), "
-                      f"peak RSS {peak['total']:,.0f} MB (Python {peak['python']:,.0f}, JVM {peak['java']:,.0f})", flush=True)
+                      f"peak RSS {peak['total']:,.0f} MB (Python {peak['python']:,.0f}, JVM {peak['java']:,.0f}; "
+                      f"by tenth of the run: {peak['by_tenth']})", flush=True)
     for engine in args.engines.split(","):
         runs = [r for r in report["runs"] if r["engine"] == engine]
         if len(runs) == 2:
@@ -116,11 +122,13 @@ def main(argv=None):
     if args.smoke:
         return report
     write_json_atomic(args.output, report)
-    lines = [f"`{report['command']}` ({report['machine']}, checkpoint `{report['checkpoint']}`)", "",
+    lines = [f"`{report['command']}` ({report['machine']}, checkpoint `{report['checkpoint']}`, model `{report['model']}`)", "",
              "| engine | rows | seconds | texts/s | peak RSS MB | of which Python | of which JVM |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['engine']} | {r['rows']:,} | {r['seconds']} | {r['texts_per_s']:.1f} | {r['peak_rss_mb']:,} | "
               f"{r['peak_python_rss_mb']:,} | {r['peak_java_rss_mb']:,} |" for r in report["runs"]]
+    lines += ["", "Peak RSS MB in each tenth of the run:"] + [
+        f"- {r['engine']}, {r['rows']:,} rows: {', '.join(map(str, r['peak_rss_mb_by_tenth']))}" for r in report["runs"]]
     lines += [""] + [f"{engine}: peak memory at {args.repeats}x the rows / at 1x = {report[f'{engine}_peak_memory_ratio']:.2f}"
                      for engine in args.engines.split(",") if f"{engine}_peak_memory_ratio" in report]
     with atomic_file(args.output.with_suffix(".md")) as handle:

@@ -611,10 +611,12 @@ def score_spark(cfg, checkpoint, model):
 
     if source is not None:
         query = sa.select(source.id.label("id"), source.text.label("text")).where(source.where)
-        # one JDBC connection reads the table; spread its rows over the workers before the model runs
-        frame = read_jdbc(cfg.input, sql_for(source.engine, query)).repartition(spark.sparkContext.defaultParallelism)
+        frame = read_jdbc(cfg.input, sql_for(source.engine, query))
     else:
         frame = read_files_spark(spark, cfg)
+    # Spread the rows evenly over every core, several tasks each: one JDBC connection reads a table into one partition,
+    # and a Parquet file written as one row group is one busy partition however Spark splits it
+    frame = frame.repartition(max(frame.rdd.getNumPartitions(), 4 * spark.sparkContext.defaultParallelism))
     read = frame.count()
     done = None
     if sink is not None:
