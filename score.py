@@ -27,7 +27,7 @@ ID_COLUMN = "id"  # the column with each post's unique id
 TEXT_COLUMN = "content"  # the column with the text to score
 WHERE = ""  # an SQL condition on the input table, e.g. "create_time > '2026-11-01'"
 OUTPUT_TABLE = ""  # the output table, for a database output (default: <TABLE>_sentiment)
-CHECKPOINT = ""  # checkpoint folder (default: bert_lora's best, or the shipped classifier until you have trained one)
+CHECKPOINT = ""  # checkpoint folder (default: adapter_tuning's best, or the shipped classifier until you have trained one: the best measured)
 ENGINE = "local"  # local, or spark (mapInPandas; files or a database table through JDBC in, a Parquet folder or a table out)
 MASTER = "local[*]"  # Spark master URL, for --engine spark
 SPARK_MEMORY = "1g"  # heap of Spark's driver and of each executor (the JVM's; the model lives in the Python workers)
@@ -45,8 +45,8 @@ def main():
         raise scoring.DataError(f"--engine {cfg.engine}: local or spark")
     if cfg.chunk_rows < 1 or cfg.batch_size < 1:
         raise scoring.DataError("--chunk-rows and --batch-size must be at least 1")
-    trained = Path(__file__).resolve().parent / "bert_lora" / "output" / "best"
-    checkpoint = cfg.checkpoint or default_checkpoint(trained, "bert_lora")
+    trained = Path(__file__).resolve().parent / "adapter_tuning" / "output" / "best"
+    checkpoint = cfg.checkpoint or default_checkpoint(trained, "adapter_tuning")
     model = scoring.model_name(checkpoint)
     began = time.perf_counter()
     if cfg.engine == "spark":

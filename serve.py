@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from weibo_senti import cli, serving  # noqa: E402
 from weibo_senti.predict import default_checkpoint  # noqa: E402
 
-CHECKPOINT = []  # NAME=PATH of a checkpoint to serve, repeatable; the first is the default (none: bert_lora's, trained or shipped)
+CHECKPOINT = []  # NAME=PATH of a checkpoint to serve, repeatable; the first is the default (none: adapter_tuning's, trained or shipped: the best measured)
 HOST = "127.0.0.1"  # address to listen on (0.0.0.0: every interface)
 PORT = 8000  # port to listen on
 MIXED_PRECISION = "auto"  # auto (bf16 where the CPU or GPU computes it natively, else fp32), no, bf16 or fp16 (CUDA only)
@@ -29,5 +29,5 @@ CACHE_SIZE = 10_000  # results of recent (model, text) pairs kept for repeats (0
 LOG_LEVEL = "info"  # uvicorn's log level: debug, info, warning, error
 
 if __name__ == "__main__":
-    trained = Path(__file__).resolve().parent / "bert_lora" / "output" / "best"
-    cli.main(lambda: serving.serve(cli.parse_config(globals()), f"bert_lora={default_checkpoint(trained, 'bert_lora')}"))
+    trained = Path(__file__).resolve().parent / "adapter_tuning" / "output" / "best"
+    cli.main(lambda: serving.serve(cli.parse_config(globals()), f"adapter_tuning={default_checkpoint(trained, 'adapter_tuning')}"))
