@@ -614,9 +614,6 @@ def score_spark(cfg, checkpoint, model):
         frame = read_jdbc(cfg.input, sql_for(source.engine, query))
     else:
         frame = read_files_spark(spark, cfg)
-    # Spread the rows evenly over every core, several tasks each: one JDBC connection reads a table into one partition,
-    # and a Parquet file written as one row group is one busy partition however Spark splits it
-    frame = frame.repartition(max(frame.rdd.getNumPartitions(), 4 * spark.sparkContext.defaultParallelism))
     read = frame.count()
     done = None
     if sink is not None:
@@ -631,6 +628,10 @@ def score_spark(cfg, checkpoint, model):
             done = ids if done is None else done.unionByName(ids)
     if done is not None:
         frame = frame.join(done.withColumn("id", F.col("id").cast(frame.schema["id"].dataType)), on="id", how="left_anti")
+    # Spread the rows to score evenly over every core, several tasks each: one JDBC connection reads a table into one
+    # partition, a Parquet file written as one row group is one busy partition however Spark splits it, and adaptive
+    # execution may merge what the anti-join leaves into a few
+    frame = frame.repartition(4 * spark.sparkContext.defaultParallelism)
     if sink is not None and sink.ids_are_text:
         frame = frame.withColumn("id", F.col("id").cast("string"))
     schema = T.StructType([
