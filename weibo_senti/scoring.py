@@ -554,12 +554,12 @@ def jdbc_options(url):
 
 def jdbc_jars(jars, urls):
     """--spark-jars, or the driver jar the system package installs for each database in use; a clear error if none."""
+    import sqlalchemy as sa
+
     if jars:
         return jars
     found = []
     for url in urls:
-        import sqlalchemy as sa
-
         _, jar, package = JDBC_DRIVERS.get(sa.make_url(url).get_backend_name(), (None, None, None))
         if jar and Path(jar).is_file():
             found.append(jar)
