@@ -115,7 +115,7 @@ def test_predict_uses_the_shipped_classifier_until_one_is_trained_and_says_so(tr
 def test_shipped_classifier_is_small_and_scores_weibo_posts_offline(method):
     folder = SHIPPED_CLASSIFIERS / method
     weights = [f for f in folder.iterdir() if f.suffix == ".safetensors"]
-    assert weights and sum(f.stat().st_size for f in weights) <= 4 * 1024 * 1024  # e5 adapters: 3 MB
+    assert weights and sum(f.stat().st_size for f in weights) <= 8 * 1024 * 1024  # e5 adapter 3 MB, e5 LoRA r=16 6 MB
     classifier = Classifier.load(folder, expected_method=method)
     assert [r["label"] for r in classifier.predict(["今天终于放假了，好开心[哈哈]", "又加班到半夜，心好累[泪]"])] == [1, 0]
 
