@@ -62,6 +62,16 @@ def test_gpt2_pipeline_path_matches_the_direct_path(trained):
     assert Classifier.load(output_dir / "best", use_pipeline=True).probabilities(TEXTS) == pytest.approx(direct, abs=1e-5)
 
 
+@pytest.mark.parametrize("method", ["lora", "bert_lora"])
+def test_a_lora_checkpoint_is_merged_for_prediction_with_the_same_answers(trained, method):
+    output_dir, _ = trained(method)
+    texts = [text for _, text in tiny.synthetic_rows(20, seed=5)]
+    merged = Classifier.load(output_dir / "best")
+    unmerged = Classifier.load(output_dir / "best", merge_lora=False)
+    assert not hasattr(merged.model, "peft_config") and hasattr(unmerged.model, "peft_config")
+    assert merged.probabilities(texts) == pytest.approx(unmerged.probabilities(texts), abs=1e-5)
+
+
 def test_predict_script_scores_a_file_stdin_and_one_text(trained, tmp_path):
     output_dir, _ = trained("adapter_tuning")
     classifier = Classifier.load(output_dir / "best", mixed_precision="auto")  # the precision predict.py picks

@@ -61,11 +61,15 @@ class Classifier:
             self.pipeline = pipeline("text-classification", model=plain_model, tokenizer=tokenizer, top_k=None)
 
     @classmethod
-    def load(cls, location, expected_method=None, **options):
-        """A checkpoint of this toolkit, a plain (or merged) classifier folder, or a hub id of a fine-tuned classifier."""
+    def load(cls, location, expected_method=None, merge_lora=True, **options):
+        """A checkpoint of this toolkit, a plain (or merged) classifier folder, or a hub id of a fine-tuned classifier.
+        merge_lora: fold a LoRA checkpoint into its base (half the prediction time on a CPU, the same labels); False
+        keeps the PeftModel, to which more adapters can be added."""
         path = find_checkpoint(Path(location))
         if (path / "checkpoint.json").is_file():
             model, tokenizer, info = load_checkpoint(path, expected_method)
+            if merge_lora and hasattr(model, "merge_and_unload"):
+                model = model.merge_and_unload()
             return cls(model, tokenizer, info["max_length"], f"{path} ({info['method']}, base {info['base_model']})", **options)
         if path.is_dir() and not (path / "config.json").is_file():
             raise CheckpointError(f"{path} is neither a checkpoint of this toolkit (no checkpoint.json) nor a classifier folder (no config.json)")

@@ -114,7 +114,7 @@ def load_models(checkpoints, mixed_precision):
                 raise CheckpointError(f"{folder}: cannot load it as an adapter of {key[0]} ({type(error).__name__}: {error})") from None
             served[name] = Served(name, path, info, classifier, adapter=adapter)
         else:
-            classifier = Classifier.load(path, mixed_precision=mixed_precision)
+            classifier = Classifier.load(path, mixed_precision=mixed_precision, merge_lora=False)  # later adapters join it
             if key is not None:
                 shared[key] = classifier
             served[name] = Served(name, path, info, classifier, adapter=classifier.model.active_adapter if key else None)
