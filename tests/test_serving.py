@@ -115,6 +115,16 @@ def test_two_adapters_on_one_base_answer_as_their_own_checkpoints(server, checkp
     assert max(abs(x - y) for x, y in zip(a, b)) > 1e-3  # the two really differ, so the check above means something
 
 
+def test_a_lora_checkpoint_alone_on_its_base_is_served_merged(checkpoints):
+    from weibo_senti.serving import load_models
+
+    served = load_models([("one", checkpoints["a"]), ("adapters", checkpoints["adapters"])], "no")
+    assert served["one"].adapter is None and not hasattr(served["one"].classifier.model, "peft_config")
+    want = [r["prob_positive"] for r in Classifier.load(checkpoints["a"], merge_lora=False).predict(TEXTS)]
+    got = [r["prob_positive"] for r in served["one"].classifier.predict(TEXTS)]
+    assert got == pytest.approx(want, abs=1e-5)
+
+
 def test_concurrent_requests_are_batched_and_repeats_come_from_the_cache(server):
     batches, texts = server.metric("weibo_senti_batch_size_count"), server.metric("weibo_senti_batch_size_sum")
     threads = [threading.Thread(target=server.post, args=({"text": f"并发{i}好开心", "model": "adapters"},)) for i in range(16)]
