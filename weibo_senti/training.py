@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, get_linear_schedule_with_warmup
 
 from . import UserError, repo_relative
+from .cli import as_flags
 from .checkpoint import (
     BASE_FAMILY,
     LOCK_FILE,
@@ -115,8 +116,7 @@ def apply_base_defaults(cfg, base_path, method_name):
         setattr(cfg, key, value)
     if not changed:
         return None
-    listed = ", ".join(f"--{key.replace('_', '-')} {value}" for key, value in changed.items())
-    return f"settings measured best on {repo_relative(base_path)}, used where not given on the command line: {listed}"
+    return f"settings measured best on {repo_relative(base_path)}, used where not given on the command line: {as_flags(changed)}"
 
 
 # flag -> (test, what is allowed); checked before any work, for flags and for constants edited at the top of a script
