@@ -1,3 +1,5 @@
+import json
+
 from conftest import run_script
 from weibo_senti import REPO_ROOT
 
@@ -31,3 +33,16 @@ def test_score_scale_smoke_mode_measures_rate_and_memory(trained):
     result = run_script(REPO_ROOT / "bench" / "score_scale.py", "--smoke", "--engines", "local", "--checkpoint", checkpoint)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "300 rows" in result.stdout and "600 rows" in result.stdout and "peak RSS" in result.stdout
+
+
+def test_no_tag_errors_reports_accuracy_by_length_and_the_surest_errors(trained, weibo_csv, tmp_path):
+    checkpoint = trained("adapter_tuning")[0] / "best"
+    out = tmp_path / "no_tag_errors"
+    result = run_script(REPO_ROOT / "bench" / "no_tag_errors.py", "--checkpoint", checkpoint, "--data", weibo_csv,
+                        "--out", out, "--shown", "5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
+    assert sum(row["texts"] for row in report["accuracy_by_length_without_tags"]) == report["texts"]
+    assert len(report["surest_errors"]) == min(5, report["errors"])
+    assert all((e["p_positive"] >= 0.5) != (e["label"] == 1) for e in report["surest_errors"])
+    assert "| characters left | texts | accuracy |" in out.with_suffix(".md").read_text(encoding="utf-8")

@@ -1,0 +1,76 @@
+"""Where a classifier goes wrong once the emoticon tags are removed: accuracy by the length of the text left, how sure
+it is when wrong, and its surest mistakes, on train.py's validation split. The labels of weibo_senti_100k were made
+from the tags, so a text whose words say one thing and whose tag says the other counts as an error here.
+python bench/no_tag_errors.py                                   # the default classifier
+python bench/no_tag_errors.py --checkpoint models/classifiers/bert_lora
+Writes results/no_tag_errors.{json,md}.
+"""
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from weibo_senti import cli, repo_relative  # noqa: E402
+from weibo_senti.checkpoint import atomic_file, write_json_atomic  # noqa: E402
+from weibo_senti.data import load_labelled_csv, split_train_val, strip_emoticons  # noqa: E402
+from weibo_senti.predict import Classifier  # noqa: E402
+
+CHECKPOINT = Path("models/classifiers/adapter_tuning")  # a trained checkpoint folder
+DATA = Path(os.environ.get("WEIBO_SENTI_DATA", "dataset/weibo_senti_100k.csv"))  # label,review CSV
+VAL_FRACTION = 0.1  # as in train.py
+SEED = 42  # as in train.py
+LENGTH_BINS = "0,1,5,10,20,40,80"  # lower edges, in characters of the text left without tags
+SURE = 0.9  # an error is "sure" when the wrong class gets at least this probability
+SHOWN = 20  # the surest errors listed in the report
+OUT = Path("results/no_tag_errors")  # .json and .md are written
+
+
+def main(cfg):
+    table, report = load_labelled_csv(cfg.data)
+    print(report)
+    _, val = split_train_val(table, cfg.val_fraction, cfg.seed)
+    texts = [strip_emoticons(text) for text in val["review"]]
+    labels = val["label"].to_numpy()
+    positive = Classifier.load(cfg.checkpoint, mixed_precision="auto").probabilities(texts)[:, 1]
+    predicted = (positive >= 0.5).astype(int)
+    right = predicted == labels
+    wrong_class_probability = np.where(labels == 1, 1 - positive, positive)
+    sure_errors = (~right) & (wrong_class_probability >= cfg.sure)
+
+    lengths = np.array([len(text.strip()) for text in texts])
+    edges = [int(edge) for edge in cfg.length_bins.split(",")] + [10**9]
+    by_length = []
+    for low, high in zip(edges, edges[1:]):
+        inside = (lengths >= low) & (lengths < high)
+        if inside.any():
+            by_length.append({"characters": f"{low}+" if high == 10**9 else str(low) if high == low + 1 else f"{low}-{high - 1}", "texts": int(inside.sum()),
+                              "accuracy": round(float(right[inside].mean()), 4)})
+    surest = np.argsort(-np.where(right, -1.0, wrong_class_probability))[: min(cfg.shown, int((~right).sum()))]
+    examples = [{"label": int(labels[i]), "p_positive": round(float(positive[i]), 3), "text": val["review"][i]} for i in surest]
+    result = {
+        "command": "python bench/no_tag_errors.py" + "".join(f" {arg}" for arg in sys.argv[1:]),
+        "checkpoint": repo_relative(cfg.checkpoint),
+        "texts": len(texts),
+        "accuracy_no_tags": round(float(right.mean()), 4),
+        "errors": int((~right).sum()),
+        f"errors_with_wrong_class_p_at_least_{cfg.sure}": int(sure_errors.sum()),
+        "accuracy_by_length_without_tags": by_length,
+        "surest_errors": examples,
+    }
+    write_json_atomic(cfg.out.with_suffix(".json"), result)
+    lines = [f"`{result['command']}` (checkpoint `{result['checkpoint']}`, {len(texts):,} validation texts, tags removed)", "",
+             f"Accuracy {result['accuracy_no_tags']:.4f}; {result['errors']:,} errors, {int(sure_errors.sum()):,} of them with "
+             f"P(wrong class) ≥ {cfg.sure}.", "", "| characters left | texts | accuracy |", "|---|---:|---:|"]
+    lines += [f"| {row['characters']} | {row['texts']:,} | {row['accuracy']:.3f} |" for row in by_length]
+    lines += ["", "Surest errors (the text as in the dataset, tags included; the model saw it without them):", "",
+              "| label | P(positive) | text |", "|---:|---:|---|"]
+    lines += [f"| {e['label']} | {e['p_positive']:.3f} | {e['text'][:120].replace('|', '¦').replace(chr(10), ' ')} |" for e in examples]
+    with atomic_file(cfg.out.with_suffix(".md")) as handle:
+        handle.write("\n".join(lines) + "\n")
+    print("\n".join(lines[:len(by_length) + 6]))
+
+
+if __name__ == "__main__":
+    cli.main(lambda: main(cli.parse_config(globals())))
