@@ -27,6 +27,10 @@ SHOWN = 20  # the surest errors listed in the report
 OUT = Path("results/no_tag_errors")  # .json and .md are written
 
 
+def _length_bin(low, high):
+    return f"{low}+" if high is None else str(low) if high == low + 1 else f"{low}-{high - 1}"
+
+
 def main(cfg):
     table, report = load_labelled_csv(cfg.data)
     print(report)
@@ -34,18 +38,17 @@ def main(cfg):
     texts = [strip_emoticons(text) for text in val["review"]]
     labels = val["label"].to_numpy()
     positive = Classifier.load(cfg.checkpoint, mixed_precision="auto").probabilities(texts)[:, 1]
-    predicted = (positive >= 0.5).astype(int)
-    right = predicted == labels
+    right = (positive >= 0.5).astype(int) == labels
     wrong_class_probability = np.where(labels == 1, 1 - positive, positive)
     sure_errors = (~right) & (wrong_class_probability >= cfg.sure)
 
     lengths = np.array([len(text.strip()) for text in texts])
-    edges = [int(edge) for edge in cfg.length_bins.split(",")] + [10**9]
+    edges = [int(edge) for edge in cfg.length_bins.split(",")] + [None]
     by_length = []
     for low, high in zip(edges, edges[1:]):
-        inside = (lengths >= low) & (lengths < high)
+        inside = (lengths >= low) & (lengths < (high or lengths.max() + 1))
         if inside.any():
-            by_length.append({"characters": f"{low}+" if high == 10**9 else str(low) if high == low + 1 else f"{low}-{high - 1}", "texts": int(inside.sum()),
+            by_length.append({"characters": _length_bin(low, high), "texts": int(inside.sum()),
                               "accuracy": round(float(right[inside].mean()), 4)})
     surest = np.argsort(-np.where(right, -1.0, wrong_class_probability))[: min(cfg.shown, int((~right).sum()))]
     examples = [{"label": int(labels[i]), "p_positive": round(float(positive[i]), 3), "text": val["review"][i]} for i in surest]
