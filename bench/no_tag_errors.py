@@ -40,7 +40,7 @@ def main(cfg):
     positive = Classifier.load(cfg.checkpoint, mixed_precision="auto").probabilities(texts)[:, 1]
     right = (positive >= 0.5).astype(int) == labels
     wrong_class_probability = np.where(labels == 1, 1 - positive, positive)
-    sure_errors = (~right) & (wrong_class_probability >= cfg.sure)
+    sure_errors = int(((~right) & (wrong_class_probability >= cfg.sure)).sum())
 
     lengths = np.array([len(text.strip()) for text in texts])
     edges = [int(edge) for edge in cfg.length_bins.split(",")] + [None]
@@ -58,13 +58,13 @@ def main(cfg):
         "texts": len(texts),
         "accuracy_no_tags": round(float(right.mean()), 4),
         "errors": int((~right).sum()),
-        f"errors_with_wrong_class_p_at_least_{cfg.sure}": int(sure_errors.sum()),
+        f"errors_with_wrong_class_p_at_least_{cfg.sure}": sure_errors,
         "accuracy_by_length_without_tags": by_length,
         "surest_errors": examples,
     }
     write_json_atomic(cfg.out.with_suffix(".json"), result)
     lines = [f"`{result['command']}` (checkpoint `{result['checkpoint']}`, {len(texts):,} validation texts, tags removed)", "",
-             f"Accuracy {result['accuracy_no_tags']:.4f}; {result['errors']:,} errors, {int(sure_errors.sum()):,} of them with "
+             f"Accuracy {result['accuracy_no_tags']:.4f}; {result['errors']:,} errors, {sure_errors:,} of them with "
              f"P(wrong class) ≥ {cfg.sure}.", "", "| characters left | texts | accuracy |", "|---|---:|---:|"]
     lines += [f"| {row['characters']} | {row['texts']:,} | {row['accuracy']:.3f} |" for row in by_length]
     lines += ["", "Surest errors (the text as in the dataset, tags included; the model saw it without them):", "",
