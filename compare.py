@@ -83,6 +83,7 @@ def checkpoint_facts(checkpoint, cfg):
     log_path = next((folder / LOG_FILE for folder in (checkpoint.parent, checkpoint) if (folder / LOG_FILE).is_file()), None)
     log = json.loads(log_path.read_text(encoding="utf-8")) if log_path else []
     run = info.get("run", {})
+    parameters = info.get("parameters") if isinstance(info.get("parameters"), dict) else {}
     warning = None
     if (run.get("seed"), run.get("val_fraction")) != (str(cfg.seed), str(cfg.val_fraction)):
         warning = f"{checkpoint} was trained with seed {run.get('seed')} and validation fraction {run.get('val_fraction')}: it may have trained on some of these validation texts"
@@ -90,8 +91,8 @@ def checkpoint_facts(checkpoint, cfg):
         "checkpoint": str(checkpoint),
         "method": info["method"],
         "base_model": info["base_model"],
-        "trainable": info["parameters"]["trainable"],
-        "trainable_percent": 100 * info["parameters"]["trainable"] / info["parameters"]["total"],
+        "trainable": parameters.get("trainable"),
+        "trainable_percent": 100 * parameters["trainable"] / parameters["total"] if {"trainable", "total"} <= parameters.keys() else None,
         "weights_bytes": weights,
         "seconds_per_epoch": statistics.mean(e["train_seconds"] for e in log) if log else None,
         "epochs": len(log),
@@ -139,7 +140,7 @@ def write_markdown(rows, text_sets, cfg, command, path):
     for row in rows:
         scores = row["scores"]
         lines.append(
-            f"| {row['method']} | {row['base_model']} | {row['trainable']:,} ({row['trainable_percent']:.2f}%) | "
+            f"| {row['method']} | {row['base_model']} | {_fmt(row['trainable'], ',')} ({_fmt(row['trainable_percent'], '.2f')}%) | "
             f"{row['weights_bytes'] / 2**20:.2f} MB | {scores['val']['accuracy']:.4f} | {scores['val']['macro_f1']:.4f} | "
             f"{scores['val_no_emoticons']['accuracy']:.4f} | {scores['val_no_emoticons']['macro_f1']:.4f} | "
             + "".join(f"{scores[name]['accuracy']:.4f} | " for name in extras)
@@ -203,7 +204,13 @@ def main(argv=None):
     from tqdm.auto import tqdm
 
     cfg = cli.parse_config(globals(), argv, positional=("checkpoints", "checkpoint folders (default: every */output/best)"))
+    from weibo_senti.checkpoint import read_info
+    from weibo_senti.training import SETTING_RANGES
+
+    cli.check_ranges(cfg, {**SETTING_RANGES, "single_texts": (lambda v: v >= 1, "an integer >= 1")})
     checkpoints = find_checkpoints(cfg.checkpoints)
+    for checkpoint in checkpoints:  # a damaged one is named before any work
+        read_info(checkpoint)
     text_sets = load_text_sets(cfg)
     rows = []
     context = multiprocessing.get_context("spawn")

@@ -43,8 +43,7 @@ def main():
         raise scoring.DataError("--input is needed: a file, a folder or glob of files, or a database URL (see --help)")
     if cfg.engine not in ("local", "spark"):
         raise scoring.DataError(f"--engine {cfg.engine}: local or spark")
-    if cfg.chunk_rows < 1 or cfg.batch_size < 1:
-        raise scoring.DataError("--chunk-rows and --batch-size must be at least 1")
+    cli.check_ranges(cfg, {name: (lambda v: v >= 1, "an integer >= 1") for name in ("chunk_rows", "batch_size")})
     trained = Path(__file__).resolve().parent / "adapter_tuning" / "output" / "best"
     checkpoint = cfg.checkpoint or default_checkpoint(trained, "adapter_tuning")
     model = scoring.model_name(checkpoint)

@@ -108,3 +108,11 @@ def test_offline_the_hub_is_not_retried_and_its_local_cache_still_serves(tmp_pat
     with pytest.raises(ModelNotFound, match="the hub is not reachable from here"):
         resolve_model("uer/gpt2-chinese-cluecorpussmall")
     assert time.perf_counter() - started < 5
+
+
+def test_a_onednn_isa_cap_below_bf16_counts_as_a_cpu_without_native_bf16(monkeypatch):
+    # how the suite is run as on an AVX2-only CPU: ONEDNN_MAX_CPU_ISA=AVX2 python -m pytest
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert models.resolve_mixed_precision("auto", "cpu")[0] == "no"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")
+    assert not models._cpu_has_native_bf16()

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -120,3 +121,46 @@ def test_checkpoint_records_the_data_inside_the_repository_relative_to_it(tiny_m
           "--epochs", "1", "--max-samples", "200", "--adapter-size", "8")
     info = json.loads((tmp_path / "out" / "best" / "checkpoint.json").read_text())
     assert info["run"]["data"] == "dataset/weibo_senti_100k.csv"
+
+
+@pytest.mark.parametrize("precisions", [("no", "bf16"), ("bf16", "no")])
+def test_runs_of_different_precisions_in_one_process_each_get_their_own(tiny_models, weibo_csv, tmp_path, precisions):
+    # On a CPU without native bf16, 'auto' resolves to fp32, and a later bf16 run in the same process (a notebook, the
+    # test suite) used to fail with "AcceleratorState has already been initialized and cannot be changed".
+    for precision in precisions:
+        train("lora", tiny_models["gpt2"], weibo_csv, tmp_path / precision, "--epochs", "1", "--max-samples", "100",
+              "--mixed-precision", precision)
+        info = json.loads((tmp_path / precision / "best" / "checkpoint.json").read_text())
+        assert info["mixed_precision"] == precision
+
+
+def test_a_diverging_run_stops_instead_of_saving_nan_as_the_best(tiny_models, weibo_csv, tmp_path):
+    with pytest.raises(UserError, match=r"the training loss is (nan|inf).*try a smaller --lr"):
+        train("adapter_tuning", tiny_models["gpt2"], weibo_csv, tmp_path / "out", "--epochs", "1", "--lr", "1e30")
+    assert not (tmp_path / "out" / "best").exists()
+
+
+@pytest.mark.parametrize("flags, words", [
+    (("--lr", "inf"), "--lr inf (LR): out of range, must be a finite number > 0"),
+    (("--seed", "-1"), "--seed -1 (SEED): out of range"),
+])
+def test_settings_out_of_range_stop_before_the_data_is_read(tiny_models, tmp_path, flags, words):
+    with pytest.raises(UserError, match=re.escape(words)):
+        train("adapter_tuning", tiny_models["gpt2"], tmp_path / "no-data.csv", tmp_path / "out", *flags)
+
+
+def test_an_output_dir_that_is_a_file_is_named(tiny_models, weibo_csv, tmp_path):
+    (tmp_path / "taken").write_text("a file of mine")
+    with pytest.raises(UserError, match="--output-dir .*taken: a file is there"):
+        train("adapter_tuning", tiny_models["gpt2"], weibo_csv, tmp_path / "taken", "--epochs", "1")
+    assert (tmp_path / "taken").read_text() == "a file of mine"
+
+
+def test_resume_from_a_last_checkpoint_without_its_run_record_is_named(tiny_models, weibo_csv, tmp_path):
+    train("adapter_tuning", tiny_models["gpt2"], weibo_csv, tmp_path, "--epochs", "1", "--max-samples", "100")
+    info_path = tmp_path / "last" / "checkpoint.json"
+    info = json.loads(info_path.read_text())
+    del info["run"]
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(UserError, match="has no record of its run"):
+        train("adapter_tuning", tiny_models["gpt2"], weibo_csv, tmp_path, "--epochs", "2", "--max-samples", "100", "--resume")

@@ -79,6 +79,15 @@ def parse_config(script_globals, argv=None, positional=None):
     return cfg
 
 
+def check_ranges(cfg, ranges):
+    """Stop before any work on a setting out of its range. ranges: {name: (test, what is allowed)}; a name the namespace
+    lacks is passed over, so one table serves scripts with different settings."""
+    for name, (allowed, description) in ranges.items():
+        if hasattr(cfg, name) and not allowed(getattr(cfg, name)):
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} {getattr(cfg, name)} ({name.upper()}): out of range, must be {description}")
+
+
 def main(function):
     """Run a script's work; a UserError ends it with its message instead of a traceback."""
     # The "newly initialized: score.weight" load report is expected here: the head is what we train.

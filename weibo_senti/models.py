@@ -193,7 +193,14 @@ def fine_tuning_defaults(base_path, method):
     return json.loads(path.read_text(encoding="utf-8")).get(method, {}) if path.is_file() else {}
 
 
+# oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA) below the first that computes bf16 natively: with one of them set, PyTorch's
+# bf16 kernels are emulated, as on an AVX2-only CPU (the test suite runs this way to check that branch on any CPU)
+_ONEDNN_ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
 def _cpu_has_native_bf16():
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _ONEDNN_ISAS_WITHOUT_BF16:
+        return False
     try:
         flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:

@@ -5,6 +5,7 @@ texts as they are and with the emoticon tags removed; keep the best-macro-F1 che
 the state to resume from in OUTPUT_DIR/last, and every epoch's metrics in OUTPUT_DIR/training_log.json.
 """
 import json
+import math
 import os
 import platform
 import time
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from filelock import FileLock, Timeout
 from torch.utils.data import DataLoader
@@ -22,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, get_linear_schedule_with_warmup
 
 from . import UserError, repo_relative
-from .cli import as_flags
+from .cli import as_flags, check_ranges
 from .checkpoint import (
     BASE_FAMILY,
     LOCK_FILE,
@@ -82,6 +84,9 @@ def _resume_state(cfg, last_dir, method_name, settings):
     if not (last_dir / TRAINING_STATE_FILE).is_file():
         raise UserError(f"--resume: no run to resume in {last_dir} (it is written at the end of each epoch)")
     info = read_info(last_dir)
+    if not isinstance(info.get("run"), dict):
+        raise CheckpointError(f"--resume: {last_dir / 'checkpoint.json'} has no record of its run ('run'), so it cannot be "
+                              "checked against these settings. Start again with --overwrite.")
     recorded = {**info["run"], "method": info["method"], "method_settings": info["method_settings"]}
     current = {**_run_identity(cfg), "method": method_name, "method_settings": settings}
     changed = [f"{key}: {recorded.get(key)} -> {current[key]}" for key in current if recorded.get(key) != current[key]]
@@ -122,8 +127,9 @@ def apply_base_defaults(cfg, base_path, method_name):
 # flag -> (test, what is allowed); checked before any work, for flags and for constants edited at the top of a script
 SETTING_RANGES = {
     "epochs": (lambda v: v >= 1, "an integer >= 1"),
+    "seed": (lambda v: 0 <= v < 2**32, "an integer from 0 to 2**32 - 1"),
     "batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "lr": (lambda v: v > 0, "> 0"),
+    "lr": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
     "warmup_ratio": (lambda v: 0 <= v <= 1, "between 0 and 1"),
     "max_length": (lambda v: v >= 2, "an integer >= 2"),
     "val_fraction": (lambda v: 0 < v < 1, "between 0 and 1, both excluded"),
@@ -131,16 +137,13 @@ SETTING_RANGES = {
     "emoticon_drop": (lambda v: 0 <= v <= 1, "between 0 and 1"),
     "adapter_size": (lambda v: v >= 1, "an integer >= 1"),
     "lora_r": (lambda v: v >= 1, "an integer >= 1"),
-    "lora_alpha": (lambda v: v > 0, "> 0"),
+    "lora_alpha": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
     "lora_dropout": (lambda v: 0 <= v < 1, "at least 0 and below 1"),
 }
 
 
 def check_settings(cfg):
-    for name, (allowed, description) in SETTING_RANGES.items():
-        if hasattr(cfg, name) and not allowed(getattr(cfg, name)):
-            flag = "--" + name.replace("_", "-")
-            raise UserError(f"{flag} {getattr(cfg, name)} ({name.upper()}): out of range, must be {description}")
+    check_ranges(cfg, SETTING_RANGES)
 
 
 def check_against_model(cfg, base_path, method, settings):
@@ -173,10 +176,14 @@ def _refuse_to_replace(cfg):
 
 def _lock(output_dir):
     """Hold OUTPUT_DIR for this run: a second run into the same folder stops at once instead of mixing checkpoints."""
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output-dir {output_dir}: a file is there; give a folder")
     lock = FileLock(output_dir / LOCK_FILE)
     try:
+        output_dir.mkdir(parents=True, exist_ok=True)
         lock.acquire(timeout=0)
+    except OSError as error:  # a read-only place
+        raise UserError(f"--output-dir {output_dir}: cannot be written ({error.strerror or error}); choose another") from None
     except Timeout:
         raise UserError(f"another training run is writing to {output_dir} (it holds {output_dir / LOCK_FILE}); "
                         "wait for it to finish, or choose another --output-dir") from None
@@ -186,6 +193,10 @@ def _lock(output_dir):
 def run(cfg, method_name):
     check_settings(cfg)
     precision, why = _mixed_precision(cfg)
+    # Accelerate keeps one process-wide state and refuses a second Accelerator of another precision; each run (a second
+    # one in a notebook, or in a test after one that resolved 'auto' otherwise) gets the precision it asks for. The
+    # distributed setup (PartialState) is kept.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         mixed_precision=precision, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed)
     )
@@ -223,7 +234,15 @@ def _run(cfg, method_name, accelerator, why):
         say(note)
     tokenizer = load_tokenizer(base_path)
     set_seed(cfg.seed)
-    model = method.build(base_path, tokenizer, settings, weights_from=resume_dir)
+    try:
+        model = method.build(base_path, tokenizer, settings, weights_from=resume_dir)
+    except CheckpointError:
+        raise
+    except Exception as error:
+        if resume_dir is None:
+            raise
+        raise CheckpointError(f"--resume: cannot load the weights in {resume_dir} ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0][:200]}). Start again with --overwrite.") from None
     say(f"base model: {base_model} ({base_path})")
     say(f"device: {accelerator.device}, processes: {accelerator.num_processes}, mixed precision: {accelerator.mixed_precision} ({why})")
     say(describe_parameters(model))
@@ -285,6 +304,11 @@ def _run(cfg, method_name, accelerator, why):
         progress = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not accelerator.is_local_main_process)
         for batch in progress:
             loss = model(**batch).loss
+            if not torch.isfinite(loss):
+                raise UserError(
+                    f"epoch {epoch + 1}, step {steps + 1}: the training loss is {loss.item()}, so the run stopped; nothing of this "
+                    f"epoch was saved. The learning rate ({cfg.lr}) is likely too high: try a smaller --lr"
+                )
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
