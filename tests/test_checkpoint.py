@@ -5,6 +5,9 @@ import stat
 
 import pytest
 
+import tiny
+from conftest import run_script
+from weibo_senti import REPO_ROOT
 from weibo_senti.checkpoint import CheckpointError, atomic_directory, find_checkpoint, load_checkpoint, write_checkpoint
 from weibo_senti.predict import Classifier
 
@@ -88,3 +91,26 @@ def test_base_model_folder_is_not_taken_for_a_classifier(tiny_models):
     with pytest.raises(CheckpointError, match="is a base model .*not a trained classifier"):
         Classifier.load(tiny_models["gpt2"])
 
+
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda info: [info], "a JSON object is expected, it holds a list"),
+    (lambda info: "adapter_tuning", "a JSON object is expected, it holds a str"),
+    (lambda info: {k: v for k, v in info.items() if k != "max_length"}, "'max_length' must be an integer >= 2, it is missing"),
+    (lambda info: {**info, "max_length": -3}, "'max_length' must be an integer >= 2, it is -3"),
+    (lambda info: {**info, "method_settings": None}, "'method_settings' must be an object"),
+])
+def test_a_damaged_checkpoint_json_is_one_line_in_every_script(trained, tmp_path, damage, named):
+    output_dir, _ = trained("adapter_tuning")
+    copy = shutil.copytree(output_dir / "best", tmp_path / "best")
+    info = json.loads((copy / "checkpoint.json").read_text())
+    (copy / "checkpoint.json").write_text(json.dumps(damage(info)))
+    source = tiny.write_csv(tmp_path / "posts.csv", tiny.synthetic_rows(40))
+    for script, args in (
+        (REPO_ROOT / "adapter_tuning" / "predict.py", ("--checkpoint", copy, "--text", "好开心")),
+        (REPO_ROOT / "score.py", ("--checkpoint", copy, "--input", source, "--output", tmp_path / "out", "--id-column", "label",
+                                  "--text-column", "review")),
+        (REPO_ROOT / "compare.py", (copy, "--data", source)),
+    ):
+        result = run_script(script, *args)
+        assert result.returncode == 2 and named in result.stderr and "Traceback" not in result.stderr, (script, result.stderr[-2000:])

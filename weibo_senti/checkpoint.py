@@ -149,9 +149,25 @@ def read_info(directory):
         info = json.loads(info_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{info_path} is damaged: {error}") from None
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{info_path} is damaged: a JSON object is expected, it holds a {type(info).__name__}")
     if info.get("method") not in METHOD_MODULES:
         raise CheckpointError(f"{info_path}: unknown method {info.get('method')!r}; known: {', '.join(METHOD_MODULES)}")
+    for key, (kind, allowed, description) in REQUIRED_INFO.items():
+        value = info.get(key)
+        if key not in info or not isinstance(value, kind) or isinstance(value, bool) or not allowed(value):
+            found = "missing" if key not in info else f"{value!r}"[:80]
+            raise CheckpointError(f"{info_path} is damaged: '{key}' must be {description}, it is {found}. Copy the checkpoint again, or train anew.")
     return info
+
+
+# what every checkpoint.json holds, checked on reading, so a damaged file is named at once and not met as a KeyError
+REQUIRED_INFO = {
+    "method_settings": (dict, lambda v: True, "an object"),
+    "base_model": (str, bool, "the base model's name"),
+    "base_model_path": (str, bool, "the base model's folder"),
+    "max_length": (int, lambda v: v >= 2, "an integer >= 2"),
+}
 
 
 def base_model_of(info):
