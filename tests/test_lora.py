@@ -75,3 +75,23 @@ def test_pipeline_path_gives_the_direct_paths_label_and_confidence(trained):
     through_pipeline = Classifier.load(output_dir / "best", use_pipeline=True).predict(TEXTS)
     assert [r["label"] for r in through_pipeline] == [r["label"] for r in direct]
     assert [r["confidence"] for r in through_pipeline] == pytest.approx([r["confidence"] for r in direct], abs=1e-5)
+
+
+def test_merging_never_deletes_a_users_files_and_takes_only_lora(trained, tmp_path):
+    from weibo_senti import REPO_ROOT, UserError
+
+    best = trained("lora")[0] / "best"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my own work")
+    result = subprocess.run(
+        [sys.executable, "-m", "weibo_senti.lora", str(best), str(mine)], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    assert result.returncode == 2 and "holds other files (notes.txt)" in result.stderr, result.stderr
+    assert (mine / "notes.txt").read_text() == "my own work"
+    merged = lora.export_merged(best, tmp_path / "merged")
+    assert lora.export_merged(best, merged) == merged  # an earlier merged model is replaced
+    with pytest.raises(UserError, match="lies inside the checkpoint"):
+        lora.export_merged(best, best.parent)  # e.g. --merge-to . from inside the output folder
+    with pytest.raises(UserError, match="only LoRA checkpoints"):
+        lora.export_merged(trained("adapter_tuning")[0] / "best", tmp_path / "adapter_merged")
+    assert not (tmp_path / "adapter_merged").exists()

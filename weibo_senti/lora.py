@@ -70,9 +70,33 @@ def describe(model):
     )
 
 
+def _check_merge_destination(checkpoint_dir, destination):
+    """A merged model replaces only an earlier merged model or an empty folder: never a user's files, and never the
+    checkpoint itself or a folder that holds it."""
+    destination, checkpoint_dir = Path(destination).resolve(), Path(checkpoint_dir).resolve()
+    if checkpoint_dir.is_relative_to(destination) or destination.is_relative_to(checkpoint_dir):
+        raise UserError(f"--merge-to {destination}: it holds or lies inside the checkpoint {checkpoint_dir}; choose a folder of its own")
+    if destination.exists() and not destination.is_dir():
+        raise UserError(f"--merge-to {destination}: a file is there; give a folder")
+    held = sorted(path.name for path in destination.iterdir()) if destination.is_dir() else []
+    if held and (not (destination / "config.json").is_file() or set(held) - MERGED_MODEL_FILES):
+        raise UserError(f"--merge-to {destination}: the folder holds other files ({', '.join(held[:5])}{', ...' if len(held) > 5 else ''}), "
+                        "which merging would delete; give an empty or new folder, or an earlier merged model to replace")
+    return destination
+
+
+# what save_pretrained of a classifier and its tokenizer writes: the files a merged-model folder may hold
+MERGED_MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json",
+                      "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json",
+                      "sentencepiece.bpe.model", "spiece.model", "chat_template.jinja"}
+
+
 def export_merged(checkpoint_dir, destination):
     """Fold LoRA into the base weights (in fp32) and save a standalone model that needs no PEFT to load."""
+    destination = _check_merge_destination(checkpoint_dir, destination)
     model, tokenizer, info = load_checkpoint(checkpoint_dir)
+    if not hasattr(model, "merge_and_unload"):
+        raise UserError(f"{checkpoint_dir} is a {info['method']} checkpoint: only LoRA checkpoints (lora, bert_lora) merge into their base")
     merged = model.float().merge_and_unload()
     with atomic_directory(destination) as tmp:
         merged.save_pretrained(tmp)
