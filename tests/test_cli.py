@@ -70,3 +70,10 @@ def test_two_cpu_processes_through_accelerate_launch(tiny_models, weibo_csv, tmp
     from weibo_senti.predict import Classifier
 
     assert Classifier.load(tmp_path / "best").predict(["好开心[哈哈]"])[0]["label"] in (0, 1)
+
+
+def test_a_data_path_that_is_not_a_file_is_named_for_what_it_is(tmp_path):
+    from weibo_senti.data import DataError, read_csv_text
+
+    with pytest.raises(DataError, match="/dev/null is not a regular file"):
+        read_csv_text(Path("/dev/null"))

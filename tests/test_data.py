@@ -1,7 +1,9 @@
 import pytest
 
 import tiny
-from weibo_senti.data import DataError, EncodedTexts, load_labelled_csv, make_collate, split_train_val, strip_emoticons
+from weibo_senti.data import (
+    DataError, EncodedTexts, load_labelled_csv, make_collate, read_csv_text, split_train_val, strip_emoticons,
+)
 from weibo_senti.models import load_tokenizer
 
 
@@ -129,3 +131,11 @@ def test_length_grouped_batches_cover_every_text_once_and_group_similar_lengths(
     assert sorted(i for batch in batches for i in batch) == list(range(1000))
     spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
     assert spread < 30  # random batches of 10 would spread about 100
+
+
+def test_a_quote_left_open_is_said_with_its_row(tmp_path, capsys):
+    path = tmp_path / "q.csv"
+    path.write_text('label,review\n1,"好开心\n0,难过\n1,真棒"\n0,下雨了\n', encoding="utf-8")
+    table = read_csv_text(path)
+    assert len(table) == 2  # legal CSV: read as it stands, but not silently
+    assert "row 2, column 'review' holds 2 line(s) that read as rows of their own" in capsys.readouterr().err

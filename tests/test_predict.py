@@ -25,7 +25,7 @@ def test_console_asks_again_on_empty_input_survives_errors_and_quits_on_q(classi
     console(classifier, read=lambda prompt: next(answers))
     shown = capsys.readouterr().out
     assert "输入不能为空，请重新输入" in shown
-    assert "预测出错: model exploded" in shown
+    assert "预测出错: cannot be scored: RuntimeError: model exploded" in shown
     assert shown.count("预测结果: ") == 2 and "置信度" in shown
     for verdict in real_predict(TEXTS):
         assert f"预测结果: {verdict['sentiment']} (置信度: {verdict['confidence']:.4f})" in shown
@@ -133,3 +133,37 @@ def test_shipped_classifier_is_small_and_scores_weibo_posts_offline(method):
 def test_clean_text_removes_what_the_original_scripts_removed():
     raw = "{%转发%}@小明: 【热点】今天\u200b好开心😀  真的"
     assert clean_text(raw) == "今天好开心 真的"
+
+
+def test_predict_file_never_overwrites_the_users_columns_and_checks_before_loading(trained, tmp_path):
+    script = REPO_ROOT / "adapter_tuning" / "predict.py"
+    best = trained("adapter_tuning")[0] / "best"
+    source = tiny.write_csv(tmp_path / "mine.csv", [("好开心", "my note", "")], header=("review", "sentiment", "error"))
+    before = source.read_bytes()
+    result = run_script(script, "--checkpoint", best, "--file", source, "--out", source)
+    assert result.returncode == 2 and "already has the column(s) sentiment, error" in result.stderr
+    assert source.read_bytes() == before
+    # a missing input, a folder as output, a bad batch size: said before any model loads (no checkpoint is even needed)
+    for args, words in (
+        (("--file", tmp_path / "missing.csv"), "file not found"),
+        (("--file", tiny.write_csv(tmp_path / "ok.csv", [(1, "好")]), "--out", tmp_path), "a folder is there"),
+        (("--text", "好", "--batch-size", "-1"), "--batch-size -1: must be at least 1"),
+    ):
+        result = run_script(script, "--checkpoint", tmp_path / "no-such-checkpoint", *args)
+        assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_clean_text_that_cleans_to_nothing_is_not_scored(classifier):
+    from weibo_senti.predict import Classifier
+
+    cleaning = Classifier(classifier.model, classifier.tokenizer, classifier.max_length, "test", clean=True)
+    results = cleaning.predict_each(["@someone: 😀", "好开心[哈哈]"])
+    assert results[0] == {"error": "empty once cleaned (--clean removed all of it)"} and "label" in results[1]
+
+
+def test_console_names_undecodable_input_instead_of_a_tokenizer_error(classifier, capsys):
+    answers = iter(["\udce4\udcbd", "q"])  # what input() gives for bytes that are not UTF-8 (surrogateescape)
+    console(classifier, read=lambda prompt: next(answers))
+    shown = capsys.readouterr().out
+    assert "预测出错: not valid Unicode" in shown and "TextEncodeInput" not in shown

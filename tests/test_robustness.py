@@ -17,7 +17,7 @@ from conftest import FAST, TRAIN_SCRIPTS, run_script, train
 from weibo_senti import REPO_ROOT, UserError, cli, training
 from weibo_senti.checkpoint import LOCK_FILE, CheckpointError, atomic_directory
 from weibo_senti.data import make_collate
-from weibo_senti.predict import Classifier, clean_text, score_file, score_stream
+from weibo_senti.predict import Classifier, clean_text, read_file_to_score, score_file, score_stream
 
 TRAIN = REPO_ROOT / "adapter_tuning" / "train.py"
 PREDICT = REPO_ROOT / "adapter_tuning" / "predict.py"
@@ -260,7 +260,7 @@ def test_file_scorer_answers_every_row_in_order(classifier, tmp_path_factory, te
     folder = tmp_path_factory.mktemp("file")
     clean = [text.encode("utf-8", "replace").decode("utf-8") for text in texts]  # a CSV file holds valid UTF-8 only
     source = tiny.write_csv(folder / "in.csv", [(i, text) for i, text in enumerate(clean)], header=("id", "review"))
-    score_file(classifier, source, "review", folder / "out.csv", batch_size=4)
+    score_file(classifier, source, read_file_to_score(source, "review"), "review", folder / "out.csv", batch_size=4)
     import pandas as pd
 
     table = pd.read_csv(folder / "out.csv", dtype=str, keep_default_na=False)

@@ -2,6 +2,7 @@
 import io
 import random
 import re
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,6 +66,8 @@ def read_csv_text(path, hint=PUBLIC_DATASET_HINT):
     hint: what to do when the file is missing (where to get the training data; None for files to score)."""
     if path.is_dir():
         raise DataError(f"{path} is a folder, not a CSV file: give the path of the .csv file itself")
+    if path.exists() and not path.is_file():
+        raise DataError(f"{path} is not a regular file (a device or a pipe?): give the path of a .csv file")
     if not path.is_file():
         raise DataError(f"file not found: {path}" + (f"\n{hint}" if hint else ""))
     raw = path.read_bytes()
@@ -78,9 +81,27 @@ def read_csv_text(path, hint=PUBLIC_DATASET_HINT):
         ) from None
     text = text.removeprefix("\ufeff")  # a BOM at the start of the file would become part of the first column name
     try:
-        return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+        table = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
         raise DataError(f"{path}: not a readable CSV file: {error}") from None
+    _warn_of_swallowed_rows(path, table)
+    return table
+
+
+def _warn_of_swallowed_rows(path, table):
+    """A quote left open swallows the lines after it into one cell until the next quote: legal CSV, so pandas says
+    nothing. Lines inside a cell that have a row's number of commas are said on stderr, by row and column."""
+    commas = len(table.columns) - 1
+    if commas < 1:
+        return
+    for column in table.columns:
+        multiline = table[column].str.contains("\n", regex=False)
+        for index in table.index[multiline]:
+            lines = table.at[index, column].split("\n")[1:]
+            looks_like_rows = sum(line.count(",") == commas for line in lines)
+            if looks_like_rows:
+                print(f"warning: {path}: row {index + 2}, column '{column}' holds {looks_like_rows} line(s) that read as rows of "
+                      "their own: a quote left open? They were read as one text", file=sys.stderr)
 
 
 @dataclass

@@ -125,11 +125,18 @@ class Classifier:
             for label, p in zip(labels, probabilities)
         ]
 
+    def text_problem(self, text):
+        """text_problem(), and with --clean, a text that cleaning leaves empty (it would be scored as if it said nothing)."""
+        problem = text_problem(text)
+        if problem is None and self.clean and not clean_text(text):
+            return "empty once cleaned (--clean removed all of it)"
+        return problem
+
     def predict_each(self, texts, batch_size=64):
         """One entry per text, in order: predict()'s result, or {"error": why} for a text that cannot be scored.
         A batch that fails is retried text by text, so one bad text never costs the others their results."""
         texts = list(texts)
-        results = [{"error": problem} if (problem := text_problem(text)) else None for text in texts]
+        results = [{"error": problem} if (problem := self.text_problem(text)) else None for text in texts]
         good = [i for i, result in enumerate(results) if result is None]
         try:
             for i, result in zip(good, self.predict([texts[i] for i in good], batch_size)):
@@ -158,10 +165,9 @@ def console(classifier, read=input):
         if not text.strip():
             print("输入不能为空，请重新输入")
             continue
-        try:
-            result = classifier.predict([text])[0]
-        except Exception as error:  # one bad input must not end the session
-            print(f"预测出错: {error}")
+        result = classifier.predict_each([text])[0]  # one bad input must not end the session
+        if "error" in result:
+            print(f"预测出错: {result['error']}")
             continue
         print(f"预测结果: {result['sentiment']} (置信度: {result['confidence']:.4f})")
 
@@ -172,6 +178,8 @@ RESULT_COLUMNS = ("pred_label", "sentiment", "confidence", "prob_positive", "err
 def output_path(path, out):
     """Where --file's results go, checked before any scoring: an output that cannot be written fails at once."""
     out = Path(out) if out else path.with_name(path.stem + ".predictions.csv")
+    if out.is_dir():
+        raise DataError(f"--out {out}: a folder is there; give the path of the CSV file to write")
     if not out.parent.is_dir():
         raise DataError(f"--out {out}: the folder {out.parent} does not exist; create it first or choose another --out")
     if not os.access(out.parent, os.W_OK):
@@ -179,22 +187,35 @@ def output_path(path, out):
     return out
 
 
-def score_file(classifier, path, column, out, batch_size):
-    """Adds RESULT_COLUMNS to the CSV; rows that cannot be scored keep empty results and say why in 'error'.
-    Returns the number of such rows."""
+def read_file_to_score(path, column):
+    """--file's table, checked before the model loads: the text column is there, and no column of the user's would be
+    overwritten by the results."""
     table = read_csv_text(path, hint=None)
     if column not in table.columns:
         raise DataError(f"{path}: no column '{column}' (columns: {', '.join(table.columns)}); choose one with --column")
     if table.empty:
         raise DataError(f"{path}: the file has a header but no rows: nothing to score")
+    clash = [name for name in RESULT_COLUMNS if name in table.columns]
+    if clash:
+        raise DataError(f"{path}: it already has the column(s) {', '.join(clash)}, which the results would overwrite; "
+                        "rename them first (an earlier predictions file: score the original file instead)")
+    return table
+
+
+def score_file(classifier, path, table, column, out, batch_size):
+    """Adds RESULT_COLUMNS to the CSV; rows that cannot be scored keep empty results and say why in 'error'.
+    Returns the number of such rows."""
     texts = ["" if text in MISSING_TEXT_MARKERS else text for text in table[column]]  # empty or NaN cells: skipped, said why
     results = classifier.predict_each(texts, batch_size)
     for key in RESULT_COLUMNS:
         source = "label" if key == "pred_label" else key
         table[key] = [result.get(source, "") for result in results]
     failed = sum("error" in result for result in results)
-    with atomic_file(out, newline="") as handle:
-        table.to_csv(handle, index=False, lineterminator="\r\n")  # RFC 4180; also makes csv quote a text holding a lone \r
+    try:
+        with atomic_file(out, newline="") as handle:
+            table.to_csv(handle, index=False, lineterminator="\r\n")  # RFC 4180; also makes csv quote a text holding a lone \r
+    except OSError as error:  # a full disk, say: the temporary file is gone and any earlier file is as it was
+        raise DataError(f"--out {out}: cannot be written ({os.strerror(error.errno) if error.errno else error}); nothing was written there") from None
     print(f"scored {len(table) - failed:,} of {len(table):,} texts from {path} -> {out}", file=sys.stderr)
     if failed:
         reasons = Counter(result["error"] for result in results if "error" in result)
@@ -293,7 +314,11 @@ def main(trained_checkpoint, method, argv=None):
     args = parser.parse_args(argv)
     if args.text is not None and not args.text.strip():
         raise DataError("--text is empty: give the text to score")
-    out = output_path(args.file, args.out) if args.file is not None else None  # before the model loads
+    if args.batch_size < 1:
+        raise DataError(f"--batch-size {args.batch_size}: must be at least 1")
+    # the input and the output are checked before the model loads
+    table = read_file_to_score(args.file, args.column) if args.file is not None else None
+    out = output_path(args.file, args.out) if args.file is not None else None
 
     checkpoint = args.checkpoint or default_checkpoint(Path(trained_checkpoint), method)
     classifier = Classifier.load(
@@ -306,7 +331,7 @@ def main(trained_checkpoint, method, argv=None):
             raise DataError(f"--text: {result['error']}; give the text to score")
         print(f"{result['sentiment']} (置信度: {result['confidence']:.4f})")
     elif args.file is not None:
-        if score_file(classifier, args.file, args.column, out, args.batch_size):
+        if score_file(classifier, args.file, table, args.column, out, args.batch_size):
             raise SystemExit(1)
     elif not sys.stdin.isatty():
         if score_stream(classifier, sys.stdin.buffer, sys.stdout, args.batch_size):
