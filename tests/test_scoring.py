@@ -1,5 +1,6 @@
 """score.py against real files, a real SQLite file, a real PostgreSQL server on loopback, and Spark in local[2]."""
 import glob
+import json
 import os
 import shutil
 import signal
@@ -121,16 +122,22 @@ def test_jsonl_folder_into_a_csv(checkpoint, tmp_path):
     assert summary(score("--input", folder, "--output", out, "--id-column", "note_id", "--checkpoint", checkpoint))["skipped"] == 30
 
 
-@pytest.mark.parametrize("sink", ["parquet", "sqlite", "csv"])
-def test_killed_mid_run_and_started_again_scores_every_row_once(checkpoint, tmp_path, sink):
+@pytest.mark.parametrize("sink", ["parquet", "sqlite", "postgresql", "csv"])
+def test_killed_mid_run_and_started_again_scores_every_row_once(checkpoint, tmp_path, sink, request):
     table = posts(1500)
     source = tmp_path / "posts.parquet"
     table.to_parquet(source)
-    output = {"parquet": tmp_path / "scored", "sqlite": f"sqlite:///{tmp_path / 'out.db'}", "csv": tmp_path / "scored.csv"}[sink]
+    if sink == "postgresql":
+        output = request.getfixturevalue("postgres_url")
+        with sa.create_engine(output).begin() as connection:
+            connection.execute(sa.text("drop table if exists scored, scored_bad"))
+    else:
+        output = {"parquet": tmp_path / "scored", "sqlite": f"sqlite:///{tmp_path / 'out.db'}", "csv": tmp_path / "scored.csv"}[sink]
     args = [sys.executable, str(SCORE), "--input", str(source), "--output", str(output), "--id-column", "note_id",
             "--checkpoint", str(checkpoint), "--chunk-rows", "20", *FP32]
-    if sink == "sqlite":
+    if sink in ("sqlite", "postgresql"):
         args += ["--output-table", "scored"]
+        database = sa.create_engine(output)
 
     def written():
         if sink == "parquet":
@@ -138,9 +145,9 @@ def test_killed_mid_run_and_started_again_scores_every_row_once(checkpoint, tmp_
         if sink == "csv":
             return output.stat().st_size // 1000 if output.exists() else 0
         try:
-            with sqlite3.connect(tmp_path / "out.db") as connection:
-                return connection.execute("select count(*) from scored").fetchone()[0] // 20
-        except sqlite3.OperationalError:
+            with database.connect() as connection:
+                return connection.execute(sa.text("select count(*) from scored")).scalar_one() // 20
+        except sa.exc.DBAPIError:  # not made yet
             return 0
 
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -159,7 +166,8 @@ def test_killed_mid_run_and_started_again_scores_every_row_once(checkpoint, tmp_
     elif sink == "csv":
         frame = pd.read_csv(output)
     else:
-        frame = pd.read_sql_table("scored", sa.create_engine(output))
+        frame = pd.read_sql_table("scored", database)
+        database.dispose()
     check_results(frame, expected(checkpoint, table), model_name(checkpoint))
 
 
@@ -168,6 +176,7 @@ def test_bad_input_is_named(checkpoint, tmp_path):
     table.to_csv(tmp_path / "p.csv", index=False)
     result = score("--input", tmp_path / "p.csv", "--output", tmp_path / "o", "--checkpoint", checkpoint, expect=2)
     assert "no column 'id' (--id-column)" in result.stderr and "note_id, content" in result.stderr
+    sqlite3.connect(tmp_path / "x.db").close()
     result = score("--input", f"sqlite:///{tmp_path / 'x.db'}", "--table", "weibo_note", "--checkpoint", checkpoint, expect=2)
     assert "no table 'weibo_note'" in result.stderr
     result = score("--input", "postgresql+psycopg://crawler:secret@127.0.0.1:1/crawl", "--table", "weibo_note", "--checkpoint", checkpoint, expect=2)
@@ -286,3 +295,172 @@ def test_spark_engine_scores_a_database_table_through_jdbc(checkpoint, tmp_path,
     local = ("--input", url, "--table", "spark_note", "--id-column", "note_id", "--checkpoint", checkpoint)
     assert summary(score(*local)) == {"read": 40, "scored": 0, "skipped": 40, "bad": 0}
     engine.dispose()
+
+
+def _crawl_table(url, rows=60, duplicate_at=None):
+    """MediaCrawler's weibo_note, in short: note_id BIGINT (no key: a crawl may repeat one), content, create_time seconds."""
+    engine = sa.create_engine(url)
+    table = posts(rows)
+    if duplicate_at is not None:
+        table = pd.concat([table.iloc[:duplicate_at], table.iloc[[duplicate_at - 1]], table.iloc[duplicate_at:]], ignore_index=True)
+    table["create_time"] = 1_764_000_000 + table["note_id"]
+    with engine.begin() as connection:
+        for name in ("weibo_note_sentiment_bad", "weibo_note_sentiment", "weibo_note", "victim"):
+            connection.execute(sa.text(f"drop table if exists {name}"))
+        connection.execute(sa.text("create table weibo_note (note_id bigint, content text, create_time bigint)"))
+        connection.execute(sa.text("create table victim (x integer)"))
+    table.to_sql("weibo_note", engine, if_exists="append", index=False)
+    return engine
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_where_is_one_bracketed_read_only_condition(checkpoint, tmp_path, database, request):
+    url = f"sqlite:///{tmp_path / 'crawl.db'}" if database == "sqlite" else request.getfixturevalue("postgres_url")
+    engine = _crawl_table(url)
+    args = ("--input", url, "--table", "weibo_note", "--id-column", "note_id", "--checkpoint", checkpoint, "--chunk-rows", "10")
+    # unbracketed, 'A OR B AND id > last' re-read the same page forever
+    assert summary(score(*args, "--where", "note_id <= 5 OR note_id > 50"))["read"] == 15
+    # a trailing comment used to swallow the paging condition
+    assert summary(score(*args, "--output-table", "other", "--where", "note_id <= 25 --"))["read"] == 25
+    result = score(*args, "--where", "1=1; DROP TABLE victim", expect=2)
+    assert "one condition, not several statements" in result.stderr and "Traceback" not in result.stderr
+    assert "victim" in sa.inspect(engine).get_table_names()
+    engine.dispose()
+
+
+def test_a_where_the_database_refuses_is_one_line_before_any_table_is_made(checkpoint, postgres_url):
+    engine = _crawl_table(postgres_url)
+    result = score("--input", postgres_url, "--table", "weibo_note", "--id-column", "note_id", "--checkpoint", checkpoint,
+                   "--where", "create_time > '2026-11-24'", expect=2)
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "--where \"create_time > '2026-11-24'\"" in result.stderr and "bigint" in result.stderr.lower()
+    assert "weibo_note_sentiment" not in sa.inspect(engine).get_table_names()
+    engine.dispose()
+
+
+def test_a_where_that_matches_nothing_says_so(checkpoint, tmp_path):
+    url = f"sqlite:///{tmp_path / 'crawl.db'}"
+    _crawl_table(url).dispose()
+    result = score("--input", url, "--table", "weibo_note", "--id-column", "note_id", "--checkpoint", checkpoint,
+                   "--where", "create_time > '2026-11-24'")  # SQLite compares a number with text: never true
+    assert "matches no row of weibo_note" in result.stderr and "create_time BIGINT" in result.stderr
+    assert summary(result)["read"] == 0
+
+
+def test_an_id_repeated_across_a_page_boundary_is_read_and_counted(checkpoint, tmp_path):
+    url = f"sqlite:///{tmp_path / 'crawl.db'}"
+    _crawl_table(url, rows=30, duplicate_at=10).dispose()  # note_id 10 twice, the second copy would open page 2
+    result = score("--input", url, "--table", "weibo_note", "--id-column", "note_id", "--checkpoint", checkpoint, "--chunk-rows", "10")
+    assert summary(result) == {"read": 31, "scored": 28, "skipped": 0, "bad": 3}
+    bad = pd.read_sql_table("weibo_note_sentiment_bad", sa.create_engine(url))
+    assert "duplicate id (an earlier row with this id is scored)" in set(bad["reason"])
+
+
+def test_spark_workers_run_the_interpreter_that_runs_score_py(checkpoint, tmp_path):
+    pytest.importorskip("pyspark")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name in ("python3", "python"):  # what a PATH without the venv finds: a Python without pandas
+        (fake / name).write_text("#!/bin/sh\necho 'not the venv python' >&2\nexit 1\n")
+        (fake / name).chmod(0o755)
+    java = Path(shutil.which("java")).resolve().parent
+    env = {key: value for key, value in os.environ.items() if key not in ("PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON")}
+    env["PATH"] = os.pathsep.join([str(fake), str(java), "/usr/bin", "/bin"])
+    posts(20).to_parquet(tmp_path / "crawl.parquet")
+    result = subprocess.run(
+        [sys.executable, str(SCORE), "--engine", "spark", "--master", "local[1]", "--input", tmp_path / "crawl.parquet",
+         "--output", tmp_path / "out", "--id-column", "note_id", "--checkpoint", checkpoint, *FP32],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert summary(result) == {"read": 20, "scored": 18, "skipped": 0, "bad": 2}
+
+
+def test_an_output_csv_that_score_py_did_not_write_is_left_untouched(checkpoint, tmp_path):
+    posts(5).to_csv(tmp_path / "p.csv", index=False)
+    theirs = tmp_path / "theirs.csv"
+    theirs.write_bytes(b"name,notes\nalice,keep me")  # no final newline: once taken for a killed run's half line
+    result = score("--input", tmp_path / "p.csv", "--output", theirs, "--id-column", "note_id", "--checkpoint", checkpoint, expect=2)
+    assert "not a file score.py wrote" in result.stderr and "Traceback" not in result.stderr
+    assert theirs.read_bytes() == b"name,notes\nalice,keep me"
+
+
+def test_integer_ids_stay_integers_beside_a_missing_one(checkpoint, tmp_path):
+    big = 4_987_654_321_098_765_432  # a Weibo-sized id: a float64 cannot hold it
+    rows = [{"note_id": big + i, "content": text} for i, (_, text) in enumerate(tiny.synthetic_rows(6))]
+    rows[2]["note_id"] = None
+    (tmp_path / "crawl.jsonl").write_text("\n".join(json.dumps(row, ensure_ascii=False) for row in rows) + "\n")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "crawl.parquet")  # note_id: int64 with a null
+    for name in ("crawl.jsonl", "crawl.parquet"):
+        out = tmp_path / f"out-{name.replace('.', '-')}"
+        args = ("--input", tmp_path / name, "--output", out, "--id-column", "note_id", "--checkpoint", checkpoint)
+        assert summary(score(*args)) == {"read": 6, "scored": 5, "skipped": 0, "bad": 1}
+        assert summary(score(*args)) == {"read": 6, "scored": 0, "skipped": 5, "bad": 1}  # (a row without id is bad each run)
+        ids = pd.read_parquet(out)["id"]
+        assert ids.dtype == "int64" and sorted(ids) == sorted(r["note_id"] for r in rows if r["note_id"] is not None)
+    # text ids into an integer output: refused with the id, never a broken output
+    (tmp_path / "more.jsonl").write_text(json.dumps({"note_id": "abc", "content": "好开心"}) + "\n")
+    result = score("--input", tmp_path / "more.jsonl", "--output", tmp_path / "out-crawl-jsonl", "--id-column", "note_id",
+                   "--checkpoint", checkpoint, expect=2)
+    assert "holds integer ids, and this input has the id 'abc'" in result.stderr
+
+
+def test_json_lines_that_are_not_objects_are_named(checkpoint, tmp_path):
+    (tmp_path / "crawl.jsonl").write_text('{"note_id": 1, "content": "好"}\n[1, "坏"]\n')
+    result = score("--input", tmp_path / "crawl.jsonl", "--output", tmp_path / "out", "--id-column", "note_id",
+                   "--checkpoint", checkpoint, expect=2)
+    assert "crawl.jsonl: line 2 is a JSON list, not an object" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_output_inside_the_input_folder_is_refused_on_the_first_run(checkpoint, tmp_path):
+    crawl = tmp_path / "crawl"
+    crawl.mkdir()
+    posts(5).to_csv(crawl / "p.csv", index=False)
+    result = score("--input", crawl, "--output", crawl / "scored", "--id-column", "note_id", "--checkpoint", checkpoint, expect=2)
+    assert "lies inside the input folder" in result.stderr
+    assert not (crawl / "scored").exists()
+
+
+def test_a_missing_sqlite_input_is_named_and_not_created(checkpoint, tmp_path):
+    result = score("--input", f"sqlite:///{tmp_path / 'new.db'}", "--table", "weibo_note", "--checkpoint", checkpoint, expect=2)
+    assert "no such SQLite file" in result.stderr and not (tmp_path / "new.db").exists()
+
+
+def test_a_full_or_read_only_output_is_one_line(checkpoint, tmp_path):
+    posts(12).to_csv(tmp_path / "p.csv", index=False)
+    args = ("--input", tmp_path / "p.csv", "--id-column", "note_id", "--checkpoint", checkpoint)
+    (tmp_path / "full.csv").symlink_to("/dev/full")  # every write: ENOSPC, as on a full disk
+    result = score(*args, "--output", tmp_path / "full.csv", expect=2)
+    assert "cannot write (No space left on device)" in result.stderr and "Traceback" not in result.stderr
+    sqlite3.connect(tmp_path / "ro.db").close()
+    result = score(*args, "--output", f"sqlite:///file:{tmp_path / 'ro.db'}?mode=ro&uri=true", "--output-table", "scored", expect=2)
+    assert "cannot create the output tables" in result.stderr and "readonly" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_refused_second_run_leaves_the_first_runs_files_alone(checkpoint, tmp_path):
+    from filelock import FileLock
+
+    posts(5).to_csv(tmp_path / "p.csv", index=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    unfinished = out / ".part-of-the-first-run.parquet.tmp"
+    unfinished.write_bytes(b"being written")
+    with FileLock(out / ".score.lock"):
+        result = score("--input", tmp_path / "p.csv", "--output", out, "--id-column", "note_id", "--checkpoint", checkpoint, expect=2)
+    assert "being written by another score.py run" in result.stderr and unfinished.exists()
+
+
+def test_two_runs_into_one_table_both_finish(checkpoint, tmp_path):
+    url = f"sqlite:///{tmp_path / 'crawl.db'}"
+    _crawl_table(url, rows=200).dispose()
+    args = [sys.executable, str(SCORE), "--input", url, "--table", "weibo_note", "--id-column", "note_id", "--checkpoint",
+            str(checkpoint), "--chunk-rows", "20", *FP32]
+    runs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for run in runs:
+        _, stderr = run.communicate(timeout=300)
+        assert run.returncode == 0, stderr[-2000:]
+    scored = pd.read_sql_table("weibo_note_sentiment", sa.create_engine(url))
+    assert len(scored) == 198 and scored["id"].is_unique

@@ -8,7 +8,9 @@ Rows that cannot be scored (no id, NULL, empty or non-text content) go to a side
 """
 import glob
 import hashlib
+import importlib
 import json
+import numbers
 import os
 import sys
 import time
@@ -21,7 +23,7 @@ from filelock import FileLock, Timeout
 from tqdm import tqdm
 
 from . import UserError
-from .checkpoint import find_checkpoint
+from .checkpoint import find_checkpoint, read_info
 from .data import DataError
 from .predict import text_problem
 
@@ -52,8 +54,7 @@ def model_name(checkpoint):
         if path.suffix in (".safetensors", ".bin") or path.name in ("checkpoint.json", "config.json", "adapter_config.json"):
             digest.update(path.name.encode())
             digest.update(path.read_bytes())
-    info = folder / "checkpoint.json"
-    method = json.loads(info.read_text(encoding="utf-8"))["method"] if info.is_file() else folder.name
+    method = read_info(folder)["method"] if (folder / "checkpoint.json").is_file() else folder.name
     return f"{method}@{digest.hexdigest()[:12]}"
 
 
@@ -105,18 +106,39 @@ class FileSource:
             parquet = pq.ParquetFile(file)
             self._check_columns(file, parquet.schema_arrow.names)
             for batch in parquet.iter_batches(batch_size=size, columns=columns):
-                yield batch.to_pandas()
+                # to_pylist, not to_pandas: an integer id column with a null would turn into floats
+                yield pd.DataFrame({name: pd.Series(batch.column(name).to_pylist(), dtype=object) for name in columns})
         elif kind == "csv":
             header = pd.read_csv(file, nrows=0).columns
             self._check_columns(file, header)
             yield from pd.read_csv(file, chunksize=size, usecols=columns, dtype=str, keep_default_na=False, na_values=[""])
         else:
-            first = True
-            for frame in pd.read_json(file, lines=True, chunksize=size, dtype=False):
-                if first:
-                    self._check_columns(file, frame.columns)
-                    first = False
-                yield frame.reindex(columns=columns)
+            yield from self._json_lines(file, size)
+
+    def _json_lines(self, file, size):
+        """JSON lines read by json itself: ids keep their exact type (an integer stays an integer, whatever else the chunk
+        holds), and a line that is not an object is named."""
+        rows, checked = [], False
+        with open(file, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise DataError(f"{file}: line {number} is not JSON ({error.msg} at column {error.colno})") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"{file}: line {number} is a JSON {type(record).__name__}, not an object with the columns "
+                                    f"'{self.id_column}' and '{self.text_column}'")
+                if not checked:
+                    self._check_columns(file, list(record))
+                    checked = True
+                rows.append((record.get(self.id_column), record.get(self.text_column)))
+                if len(rows) == size:
+                    yield pd.DataFrame(rows, columns=[self.id_column, self.text_column], dtype=object)
+                    rows = []
+        if rows:
+            yield pd.DataFrame(rows, columns=[self.id_column, self.text_column], dtype=object)
 
     def _check_columns(self, file, names):
         for option, column in (("--id-column", self.id_column), ("--text-column", self.text_column)):
@@ -133,19 +155,28 @@ class FileSource:
                         "source": str(file), "row": range(row + 1, row + 1 + len(frame)),
                     })
                     row += len(frame)
-            except (ValueError, OSError) as error:  # a damaged file; our own DataError passes through
+            except (ValueError, OSError, UnicodeDecodeError) as error:  # a damaged file; our own DataError passes through
                 raise DataError(f"{file}: cannot be read after row {row:,}: {error}") from None
 
 
 class TableSource:
-    """A table read in id order by keyset pages (WHERE id > last ORDER BY id LIMIT n): bounded memory, no long cursor."""
+    """A table read in id order by keyset pages (WHERE id > last ORDER BY id LIMIT n): bounded memory, no long cursor.
+    It reads through a read-only session, and --where is one condition, checked against the database before any
+    output exists."""
 
     def __init__(self, url, table, id_column, text_column, where):
         import sqlalchemy as sa
 
         if not table:
             raise DataError(f"--input {url} is a database: name the table with --table")
-        self.engine = engine_for(url)
+        try:
+            parsed = sa.make_url(url)
+        except sa.exc.ArgumentError as error:
+            raise DataError(f"--input: not a database URL ({error})") from None
+        database = parsed.database if parsed.get_backend_name() == "sqlite" else None
+        if database and database != ":memory:" and not Path(database).is_file():
+            raise DataError(f"--input {url}: no such SQLite file {database}")  # (connecting would create it, empty)
+        self.engine = engine_for(url, read_only=True)
         names = sa.inspect(self.engine).get_table_names()
         if table not in names:
             raise DataError(f"{safe_url(url)}: no table '{table}' (tables: {', '.join(names) or 'none'})")
@@ -154,14 +185,19 @@ class TableSource:
             if column not in self.table.c:
                 raise DataError(f"{table}: no column '{column}' ({option}); its columns: {', '.join(self.table.c.keys())}")
         self.id, self.text = self.table.c[id_column], self.table.c[text_column]
-        self.where = sa.text(where) if where else sa.true()
+        self.where = where_clause(where)
         self.name = f"{table}"
+        try:
+            with self.engine.connect() as connection:
+                self.rows = connection.execute(sa.select(sa.func.count()).select_from(self.table).where(self.where)).scalar_one()
+        except sa.exc.DBAPIError as error:
+            raise DataError(f"--where \"{where}\": {safe_url(url)} refused it: {database_message(error)}") from None
+        if where and self.rows == 0:
+            print(f"--where \"{where}\" matches no row of {table}: nothing to score (is the condition right for the "
+                  f"column types? {', '.join(f'{c.name} {c.type}' for c in self.table.c)})", file=sys.stderr)
 
     def count(self):
-        import sqlalchemy as sa
-
-        with self.engine.connect() as connection:
-            return connection.execute(sa.select(sa.func.count()).select_from(self.table).where(self.where)).scalar_one()
+        return self.rows
 
     def chunks(self, size):
         import sqlalchemy as sa
@@ -173,6 +209,10 @@ class TableSource:
                 if last is not None:
                     query = query.where(self.id > last)
                 rows = connection.execute(query.order_by(self.id).limit(size)).all()
+                if len(rows) == size:  # rows sharing the page's last id may run past it: take them all, or the next page skips them
+                    last_id = rows[-1][0]
+                    same = connection.execute(sa.select(self.id, self.text).where(self.where, self.id == last_id)).all()
+                    rows = [r for r in rows if r[0] != last_id] + same
                 connection.rollback()  # end the read transaction between pages
                 if not rows:
                     break
@@ -187,13 +227,49 @@ class TableSource:
                 yield pd.DataFrame({"id": [None] * len(missing), "text": missing, "source": self.name, "row": None})
 
 
-def engine_for(url):
+def where_clause(where):
+    """--where as one bracketed condition: an OR in it cannot escape the paging condition, a trailing -- comment ends at
+    its own line, and a ';' (a second statement) is refused. The session is read-only besides (engine_for)."""
+    import sqlalchemy as sa
+
+    if not where:
+        return sa.true()
+    outside_quotes = "".join(part for i, part in enumerate(where.split("'")) if i % 2 == 0)
+    if ";" in outside_quotes:
+        raise DataError(f"--where \"{where}\": one condition, not several statements (it holds a ';' outside quotes)")
+    return sa.text(f"({where}\n)")
+
+
+def database_message(error):
+    return " ".join(str(error.orig).split())[:300]
+
+
+# per dialect, what makes a session read-only: a source never writes, whatever --where holds
+READ_ONLY_SESSION = {
+    "sqlite": "PRAGMA query_only = ON",
+    "postgresql": "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+    "mysql": "SET SESSION TRANSACTION READ ONLY",
+    "mariadb": "SET SESSION TRANSACTION READ ONLY",
+}
+
+
+def engine_for(url, read_only=False):
     import sqlalchemy as sa
 
     try:
         engine = sa.create_engine(url)
     except Exception as error:  # unknown dialect, missing driver
         raise DataError(f"{safe_url(url)}: {error}") from None
+    if read_only and engine.dialect.name in READ_ONLY_SESSION:
+        statement = READ_ONLY_SESSION[engine.dialect.name]
+
+        @sa.event.listens_for(engine, "connect")
+        def make_read_only(dbapi_connection, _):
+            cursor = dbapi_connection.cursor()
+            cursor.execute(statement)
+            cursor.close()
+            if engine.dialect.name == "postgresql":
+                dbapi_connection.commit()
     try:
         with engine.connect():
             return engine
@@ -231,7 +307,12 @@ class TableSink:
             sa.Column("id", id_type), sa.Column("reason", sa.Text), sa.Column("source", sa.Text), sa.Column("row", sa.Integer),
             sa.Column("model", sa.String(200)), sa.Column("seen_at", sa.String(32)), sa.Index(f"ix_{table}_bad_model_id", "model", "id"),
         )
-        metadata.create_all(self.engine)  # existing tables are kept as they are; what they hold is checked below
+        try:
+            metadata.create_all(self.engine)  # existing tables are kept as they are; what they hold is checked below
+        except sa.exc.DBAPIError as error:  # a read-only or full database; or a second run that made them just now
+            if not {table, f"{table}_bad"} <= set(sa.inspect(self.engine).get_table_names()):
+                raise DataError(f"{safe_url(url)}: cannot create the output tables {table}, {table}_bad: {database_message(error)}") from None
+            metadata.create_all(self.engine)  # (the index, if the other run has not made it yet)
         self.name, self.lock_path = table, None
         reflected = {}
         for wanted, columns in ((self.table, RESULT_COLUMNS), (self.bad, BAD_COLUMNS)):
@@ -255,14 +336,25 @@ class TableSink:
                 found.update(connection.execute(query).scalars())
         return pd.Series([i in found for i in self._ids(ids)], index=ids.index)
 
+    def _insert_results(self):
+        """An insert that leaves alone a result another run wrote meanwhile (two runs into one table: same rows, no error)."""
+        dialect = self.engine.dialect.name
+        if dialect in ("postgresql", "sqlite"):
+            return importlib.import_module(f"sqlalchemy.dialects.{dialect}").insert(self.table).on_conflict_do_nothing()
+        if dialect in ("mysql", "mariadb"):
+            from sqlalchemy.dialects.mysql import insert
+
+            return insert(self.table).on_duplicate_key_update(id=self.table.c.id)  # a no-op update, unlike IGNORE's silent truncation
+        return self.table.insert()
+
     def write(self, results, bad):
         with self.engine.begin() as connection:  # one transaction: the chunk is in, or none of it
-            for table, frame in ((self.table, results), (self.bad, bad)):
+            for statement, frame in ((self._insert_results(), results), (self.bad.insert(), bad)):
                 if len(frame):
                     records = frame.astype(object).where(frame.notna(), None).to_dict("records")  # plain Python values
                     for record in records:
                         record["id"] = None if record["id"] is None else self._ids([record["id"]])[0]
-                    connection.execute(table.insert(), records)
+                    connection.execute(statement, records)
 
 
 class _IdsInMemory:
@@ -287,21 +379,46 @@ class ParquetSink(_IdsInMemory):
     def __init__(self, folder):
         self.folder = Path(folder)
         self.bad_folder = self.folder / "_bad_rows"  # '_' prefix: Spark and pyarrow datasets do not read it as data
+        if self.folder.exists() and not self.folder.is_dir():
+            raise DataError(f"--output {folder}: a file is there; a Parquet output is a folder")
         self.bad_folder.mkdir(parents=True, exist_ok=True)
-        for leftover in [*self.folder.glob(".*.tmp"), *self.bad_folder.glob(".*.tmp")]:
-            leftover.unlink()  # a part a killed run did not finish
-        self.seen, self.parts = {}, 0
+        self.seen, self.parts, self.id_type = {}, 0, None
         self.name, self.lock_path = str(folder), self.folder / ".score.lock"
 
+    def recover(self):
+        """Under the lock: remove the parts a killed run did not finish."""
+        for leftover in [*self.folder.glob(".*.tmp"), *self.bad_folder.glob(".*.tmp")]:
+            leftover.unlink()
+
     def load_ids(self, model):
-        import pyarrow.dataset as ds
+        import pyarrow.parquet as pq
 
         ids = set()
-        for folder in (self.folder, self.bad_folder):
-            if any(folder.glob("*.parquet")):
-                table = ds.dataset(folder, format="parquet").to_table(columns=["id"], filter=ds.field("model") == model)
-                ids.update(str(i) for i in table.column("id").to_pylist())
+        for file in [*self.folder.glob("*.parquet"), *self.bad_folder.glob("*.parquet")]:  # file by file: older outputs may mix id types
+            table = pq.read_table(file, columns=["id"], filters=[("model", "==", model)])
+            ids.update(str(i) for i in table.column("id").to_pylist())
         return ids
+
+    def _id_array(self, ids):
+        """The id column in the one type this output holds: its first part's, else integers where every id is one, else
+        text. An integer id in a text output becomes its digits; a text id in an integer output is refused."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if self.id_type is None:
+            first = next(iter(sorted(self.folder.glob("*.parquet"))), None)
+            if first is not None:
+                self.id_type = pq.read_schema(first).field("id").type
+            else:
+                integers = all(_is_integer(i) for i in ids if i is not None)
+                self.id_type = pa.int64() if integers else pa.string()
+        if pa.types.is_integer(self.id_type):
+            wrong = next((i for i in ids if i is not None and not _is_integer(i) and str(i).strip() != str(_as_int(i))), None)
+            if wrong is not None:
+                raise DataError(f"--output {self.folder} holds integer ids, and this input has the id {wrong!r}: "
+                                "write it to another --output, or give every input the same kind of id")
+            return pa.array([None if i is None else _as_int(i) for i in ids], self.id_type)
+        return pa.array([None if i is None else str(i) for i in ids], pa.string())
 
     def _write_part(self, frame, folder):
         import pyarrow as pa
@@ -310,7 +427,9 @@ class ParquetSink(_IdsInMemory):
         self.parts += 1
         name = f"part-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{self.parts:05d}.parquet"
         tmp = folder / f".{name}.tmp"
-        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp)
+        table = pa.Table.from_pandas(frame.drop(columns="id"), preserve_index=False)
+        table = table.add_column(0, "id", self._id_array([None if pd.isna(i) else i for i in frame["id"]]))
+        pq.write_table(table, tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, folder / name)
@@ -322,6 +441,17 @@ class ParquetSink(_IdsInMemory):
                 self.remember(frame)
 
 
+def _is_integer(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _as_int(value):
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
 class CsvSink(_IdsInMemory):
     """One CSV appended a chunk at a time (one write and fsync each); bad rows go to <stem>.bad.csv."""
 
@@ -331,6 +461,11 @@ class CsvSink(_IdsInMemory):
             raise DataError(f"--output {path}: the folder {self.path.parent} does not exist")
         self.seen = {}
         self.name, self.lock_path = str(path), f"{path}.lock"
+        for file, columns in ((self.path, RESULT_COLUMNS), (self.bad_path, BAD_COLUMNS)):
+            _check_header(file, columns)
+
+    def recover(self):
+        """Under the lock: cut the half line a killed run may have left."""
         for file in (self.path, self.bad_path):
             _drop_unfinished_line(file)
 
@@ -353,6 +488,18 @@ class CsvSink(_IdsInMemory):
                 handle.flush()
                 os.fsync(handle.fileno())
             self.remember(frame)
+
+
+def _check_header(file, columns):
+    """An existing output CSV is one score.py wrote (its header is ours), checked before anything in it is touched."""
+    if not file.is_file() or file.stat().st_size == 0:
+        return
+    with open(file, "rb") as handle:
+        first = handle.readline().rstrip(b"\r\n")
+    if first != ",".join(columns).encode():
+        shown = first[:120].decode("utf-8", "replace")
+        raise DataError(f"--output {file}: not a file score.py wrote (its first line is '{shown}', expected '{','.join(columns)}'); "
+                        "it is left as it is: choose another --output")
 
 
 def _drop_unfinished_line(file):
@@ -383,6 +530,21 @@ def open_source(cfg):
 
 
 def open_sink(cfg, source):
+    try:
+        return _open_sink(cfg, source)
+    except OSError as error:  # a read-only folder, say
+        raise DataError(f"--output {cfg.output}: cannot be written ({error.strerror or error})") from None
+
+
+def _check_not_inside_input(cfg, output):
+    """An output inside an input folder would be read as input by the next run."""
+    inputs = Path(cfg.input).resolve()
+    if inputs.is_dir() and Path(output).resolve().is_relative_to(inputs):
+        raise DataError(f"--output {output} lies inside the input folder {cfg.input}: the next run would read its results as "
+                        "posts to score; write it elsewhere")
+
+
+def _open_sink(cfg, source):
     output = cfg.output or (cfg.input if is_database(cfg.input) else "")
     if not output:
         raise DataError("--output is needed: a Parquet folder, a .csv file, or a SQLAlchemy URL")
@@ -392,6 +554,7 @@ def open_sink(cfg, source):
             raise DataError(f"--output {safe_url(output)} is a database: name the table with --output-table")
         id_type = source.id.type if isinstance(source, TableSource) and safe_url(output) == safe_url(cfg.input) else None
         return TableSink(output, table, id_type)
+    _check_not_inside_input(cfg, output)
     if str(output).endswith(".csv"):
         return CsvSink(output)
     if Path(output).suffix in FILE_SUFFIXES:
@@ -430,6 +593,8 @@ def score(cfg, classifier, model):
     counts = {"read": 0, "scored": 0, "skipped": 0, "bad": 0}
     try:
         with lock:
+            if hasattr(sink, "recover"):
+                sink.recover()
             with tqdm(total=source.count(), unit=" texts", desc="scoring", smoothing=0.1, dynamic_ncols=True) as bar:
                 for chunk in source.chunks(cfg.chunk_rows):
                     todo, bad, skipped = split_chunk(chunk, sink, model)
@@ -438,7 +603,7 @@ def score(cfg, classifier, model):
                     if failed.any():  # texts the model could not take: bad rows, with the reason it gave
                         bad = pd.concat([bad, todo[failed.to_numpy()].assign(reason=results.loc[failed, "error"].to_numpy())])
                         results = results[~failed]
-                    sink.write(results[RESULT_COLUMNS], bad_rows(bad, model))
+                    write_chunk(sink, results[RESULT_COLUMNS], bad_rows(bad, model))
                     counts["read"] += len(chunk)
                     counts["scored"] += len(results)
                     counts["skipped"] += skipped
@@ -448,6 +613,20 @@ def score(cfg, classifier, model):
     except Timeout:
         raise UserError(f"{sink.name} is being written by another score.py run (lock held); wait for it to finish") from None
     return counts
+
+
+def write_chunk(sink, results, bad):
+    """sink.write(), with a full disk or a read-only output said in one line: what earlier chunks wrote is kept, and a
+    rerun goes on from there."""
+    import sqlalchemy as sa
+
+    kept = "the chunks written before are kept, and a rerun goes on from there"
+    try:
+        sink.write(results, bad)
+    except OSError as error:
+        raise DataError(f"--output {sink.name}: cannot write ({error.strerror or error}); {kept}") from None
+    except sa.exc.DBAPIError as error:
+        raise DataError(f"{sink.name}: cannot write ({database_message(error)}); {kept}") from None
 
 
 def score_rows(classifier, todo, model, batch_size):
@@ -597,6 +776,8 @@ def score_spark(cfg, checkpoint, model):
     sink = open_sink(cfg, source) if is_database(output) else None
     jars = jdbc_jars(cfg.spark_jars, [url for url in (cfg.input, output) if is_database(url)])
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))  # local workers
+    # the workers run this interpreter (a venv's, activated or not), not whatever python3 PATH finds first
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = (
         SparkSession.builder.master(cfg.master).appName("weibo-senti score.py")
         .config("spark.driver.memory", cfg.spark_memory).config("spark.executor.memory", cfg.spark_memory)
