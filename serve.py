@@ -30,4 +30,4 @@ LOG_LEVEL = "info"  # uvicorn's log level: debug, info, warning, error
 
 if __name__ == "__main__":
     trained = Path(__file__).resolve().parent / "adapter_tuning" / "output" / "best"
-    cli.main(lambda: serving.serve(cli.parse_config(globals()), f"adapter_tuning={default_checkpoint(trained, 'adapter_tuning')}"))
+    cli.main(lambda: serving.serve(cli.parse_config(globals()), lambda: f"adapter_tuning={default_checkpoint(trained, 'adapter_tuning')}"))

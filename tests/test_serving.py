@@ -251,3 +251,50 @@ def test_a_text_that_breaks_the_model_fails_only_its_own_request(classifier):
     loop.close()
     assert isinstance(outcomes[1], ServiceError) and outcomes[1].status == 500 and "boom" not in outcomes[1].message
     assert [outcome["label"] for outcome in (outcomes[0], outcomes[2])] == [r["label"] for r in classifier.predict(["好开心", "难过"])]
+
+
+@pytest.mark.parametrize("flags, words", [
+    (("--forward-batch-size", "-1"), "--forward-batch-size -1 (FORWARD_BATCH_SIZE): out of range"),
+    (("--cache-size", "-1"), "--cache-size -1 (CACHE_SIZE): out of range"),
+    (("--max-queue", "0"), "--max-queue 0 (MAX_QUEUE): out of range"),
+    (("--request-timeout-s", "0"), "--request-timeout-s 0.0 (REQUEST_TIMEOUT_S): out of range"),
+    (("--port", "99999"), "--port 99999 (PORT): out of range, must be a port from 1 to 65535"),
+])
+def test_settings_that_would_serve_nothing_are_refused_at_start(flags, words):
+    result = run_script(REPO_ROOT / "serve.py", *flags)
+    assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert "shipped with the repository" not in result.stderr  # no word of a default checkpoint that is not served
+
+
+def test_a_checkpoint_that_cannot_load_ends_serve_py_with_one_line(trained, tmp_path):
+    import shutil
+
+    broken = shutil.copytree(trained("adapter_tuning")[0] / "best", tmp_path / "broken")
+    (broken / "adapter_model.safetensors").write_bytes(b"garbage")
+    result = run_script(REPO_ROOT / "serve.py", "--checkpoint", f"x={broken}", "--port", str(free_port()), "--log-level", "warning")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "error: cannot load the models:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_every_error_has_the_documented_shape_and_no_absolute_path(server):
+    for response in (
+        httpx.get(server.url + "/api/sentiment"),
+        httpx.put(server.url + "/api/sentiment", json={"text": "好"}),
+        httpx.get(server.url + "/no/such/path"),
+        httpx.post(server.url + "/api/sentiment", content=b"\xff\xfe{", headers={"content-type": "application/json"}),
+        httpx.post(server.url + "/api/sentiment", content=b"[" * 1500 + b"]" * 1500, headers={"content-type": "application/json"}),
+    ):
+        assert response.status_code in (400, 404, 405, 413, 422), response.text
+        assert set(response.json()) == {"error", "detail"}, response.text
+    models = httpx.get(server.url + "/api/models").json()["models"]
+    assert all(not entry["checkpoint"].startswith("/") for entry in models), models
+
+
+def test_a_client_that_leaves_mid_body_is_no_server_error(server):
+    before = server.metric('weibo_senti_errors_total{kind="internal"}')
+    for _ in range(5):
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(b"POST /api/sentiment HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{\"text\":")
+    time.sleep(0.5)
+    assert server.post({"text": "好开心"}).status_code == 200
+    assert server.metric('weibo_senti_errors_total{kind="internal"}') == before

@@ -7,6 +7,7 @@ LoRA checkpoints of the same base share one PeftModel: each is an adapter of it,
 """
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -18,10 +19,13 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from pydantic import BaseModel, Field
 
 from . import UserError, repo_relative
+from .cli import check_ranges
 from .checkpoint import CheckpointError, base_model_of, find_checkpoint, read_info
 from .predict import Classifier, clean_text, text_problem
 
@@ -52,9 +56,10 @@ class ServiceError(Exception):
 
 
 def parse_checkpoints(values, default):
-    """--checkpoint NAME=PATH (or PATH, named after its method) -> [(name, Path)]; the first is the default model."""
+    """--checkpoint NAME=PATH (or PATH, named after its method) -> [(name, Path)]; the first is the default model.
+    default: a function giving the NAME=PATH to serve when `values` names none."""
     pairs = []
-    for value in values or [default]:
+    for value in values or [default()]:
         name, separator, path = str(value).partition("=")
         if not separator:
             path = value
@@ -85,7 +90,7 @@ class Served:
             "name": self.name,
             "method": self.info.get("method", "plain classifier"),
             "base": self.info.get("base_model"),
-            "checkpoint": repo_relative(self.path),
+            "checkpoint": shown_path(self.path),
             "max_length": self.classifier.max_length,
             "precision": "fp32" if self.classifier.precision == "no" else self.classifier.precision,
             "validation": {
@@ -95,6 +100,13 @@ class Served:
                 "macro_f1_without_emoticons": metrics.get("val_no_emoticons_macro_f1"),
             },
         }
+
+
+def shown_path(path):
+    """A checkpoint's path as the service shows it to clients: relative to the repository where it lies inside it, else
+    only its folder's name (an absolute path tells a client about the server's disk)."""
+    shown = repo_relative(path)
+    return Path(shown).name if Path(shown).is_absolute() else shown
 
 
 def load_models(checkpoints, mixed_precision):
@@ -288,7 +300,7 @@ class BodyLimit:
         while more:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return
+                raise ClientDisconnect()  # counted apart from server errors (count_requests)
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.limit:
@@ -311,9 +323,9 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-def create_app(checkpoints, limits=None, mixed_precision="auto", load=load_models):
+def create_app(checkpoints, limits=None, mixed_precision="auto", load=load_models, on_load_failure=None):
     """The FastAPI app. The models load on a thread at startup; until they are loaded /readyz and /api/sentiment
-    answer 503."""
+    answer 503. on_load_failure(error) is called on the event loop if they cannot be loaded (serve.py exits then)."""
     limits = limits or Limits()
     metrics = Metrics()
     cache = ResultCache(limits.cache_size)
@@ -328,9 +340,11 @@ def create_app(checkpoints, limits=None, mixed_precision="auto", load=load_model
             try:
                 models = load(checkpoints, mixed_precision)
                 loop.call_soon_threadsafe(ready.set_result, models)
-            except Exception as error:  # reported by /readyz, logged here
+            except Exception as error:  # logged here and said by serve.py as it exits; /readyz says only that it failed
                 log.error("cannot load the models: %s", error)
                 loop.call_soon_threadsafe(ready.set_exception, error)
+                if on_load_failure is not None:
+                    loop.call_soon_threadsafe(on_load_failure, error)
 
         threading.Thread(target=load_in_thread, daemon=True).start()
 
@@ -370,6 +384,9 @@ def create_app(checkpoints, limits=None, mixed_precision="auto", load=load_model
     async def count_requests(request, call_next):
         try:
             response = await call_next(request)
+        except ClientDisconnect:  # the client went away mid-body: nobody to answer, and no fault of the server's
+            log.debug("client disconnected on %s", request.url.path)
+            response = Response(status_code=499)  # nginx's "client closed request", for the metrics alone
         except Exception:  # never a stack trace to the client
             log.exception("unexpected error on %s", request.url.path)
             response = error_response(ServiceError(500, "internal", "internal error; the server log has the details"))
@@ -381,6 +398,14 @@ def create_app(checkpoints, limits=None, mixed_precision="auto", load=load_model
     async def service_error(request, error):
         return error_response(error)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, error):  # unknown paths, wrong methods, bodies that are not JSON: the same shape as ours
+        kinds = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
+        detail = error.detail if isinstance(error.detail, str) else "invalid request"
+        if error.status_code == 400:
+            detail = f"the body is not valid JSON ({detail})"
+        return error_response(ServiceError(error.status_code, kinds.get(error.status_code, "http_error"), detail, error.headers))
+
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request, error):
         problems = "; ".join(
@@ -391,7 +416,7 @@ def create_app(checkpoints, limits=None, mixed_precision="auto", load=load_model
 
     def ready_models():
         if state["models"] is None:
-            why = f"the models failed to load: {state['loading_error']}" if state["loading_error"] else "the models are still loading"
+            why = "the models failed to load; the server log says why" if state["loading_error"] else "the models are still loading"
             raise ServiceError(503, "not_ready", why, headers={"Retry-After": "5"})
         return state["models"]
 
@@ -473,7 +498,8 @@ def create_app(checkpoints, limits=None, mixed_precision="auto", load=load_model
     async def readyz():
         if state["models"] is None:
             return JSONResponse(
-                {"ready": False, "detail": state["loading_error"] or "loading"}, status_code=503, headers={"Retry-After": "5"}
+                {"ready": False, "detail": "failed to load; the server log says why" if state["loading_error"] else "loading"},
+                status_code=503, headers={"Retry-After": "5"},
             )
         return {"ready": True, "models": list(state["models"])}
 
@@ -495,15 +521,37 @@ def check_checkpoints(checkpoints):
             raise CheckpointError(f"--checkpoint {name}={path}: no checkpoint there (no checkpoint.json or config.json)")
 
 
+def _at_least(low):
+    return lambda v: math.isfinite(v) and v >= low
+
+
+SETTING_RANGES = {
+    "port": (lambda v: 1 <= v <= 65535, "a port from 1 to 65535"),
+    **{name: (_at_least(1), "an integer >= 1") for name in (
+        "max_texts_per_request", "max_text_chars", "max_body_bytes", "max_batch_size", "forward_batch_size", "max_queue")},
+    "max_wait_ms": (_at_least(0), "a number >= 0"),
+    "request_timeout_s": (lambda v: math.isfinite(v) and v > 0, "a number of seconds > 0"),
+    "cache_size": (_at_least(0), "an integer >= 0 (0: no cache)"),
+}
+
+
 def serve(cfg, default_checkpoint):
-    """serve.py: the app of create_app() under uvicorn until SIGINT or SIGTERM (which finish the requests in flight)."""
+    """serve.py: the app of create_app() under uvicorn until SIGINT or SIGTERM (which finish the requests in flight).
+    default_checkpoint: called for the checkpoint to serve when --checkpoint names none."""
     import uvicorn
 
+    check_ranges(cfg, SETTING_RANGES)
     checkpoints = parse_checkpoints(cfg.checkpoint, default_checkpoint)
     check_checkpoints(checkpoints)
     limits = Limits(**{name: getattr(cfg, name) for name in Limits.__dataclass_fields__})
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
-    app = create_app(checkpoints, limits, cfg.mixed_precision)
+    failure = {}
+
+    def stop_serving(error):
+        failure["error"] = error
+        server.should_exit = True
+
+    app = create_app(checkpoints, limits, cfg.mixed_precision, on_load_failure=stop_serving)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
@@ -511,4 +559,7 @@ def serve(cfg, default_checkpoint):
             getattr(self, "_captured_signals", []).clear()  # after the graceful shutdown exit 0, instead of uvicorn re-raising the signal
 
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=cfg.request_timeout_s + 5)
-    Server(config).run()
+    server = Server(config)
+    server.run()
+    if failure:  # a server that cannot serve must not look alive
+        raise UserError(f"cannot load the models: {failure['error']}")
