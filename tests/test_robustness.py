@@ -79,7 +79,7 @@ def test_a_run_into_a_folder_another_run_holds_stops_at_once(tiny_models, weibo_
     ("adapter_tuning", "--max-samples", "-5", "--max-samples -5"),
     ("adapter_tuning", "--warmup-ratio", "5", "must be between 0 and 1"),
     ("adapter_tuning", "--batch-size", "0", "--batch-size 0"),
-    ("adapter_tuning", "--lr", "-1", "--lr -1.0 (LR): out of range, must be > 0"),
+    ("adapter_tuning", "--lr", "-1", "--lr -1.0 (LR): out of range, must be a finite number > 0"),
     ("adapter_tuning", "--max-length", "0", "--max-length 0"),
     ("adapter_tuning", "--max-length", "100000", "has 128 positions, so at most 128"),
     ("lora", "--lora-r", "0", "--lora-r 0 (LORA_R)"),

@@ -182,11 +182,11 @@ def _lock(output_dir):
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         lock.acquire(timeout=0)
-    except OSError as error:  # a read-only place
-        raise UserError(f"--output-dir {output_dir}: cannot be written ({error.strerror or error}); choose another") from None
     except Timeout:
         raise UserError(f"another training run is writing to {output_dir} (it holds {output_dir / LOCK_FILE}); "
                         "wait for it to finish, or choose another --output-dir") from None
+    except OSError as error:  # a read-only place (after Timeout, which is an OSError too)
+        raise UserError(f"--output-dir {output_dir}: cannot be written ({error.strerror or error}); choose another") from None
     return lock
 
 
