@@ -167,3 +167,19 @@ def test_console_names_undecodable_input_instead_of_a_tokenizer_error(classifier
     console(classifier, read=lambda prompt: next(answers))
     shown = capsys.readouterr().out
     assert "预测出错: not valid Unicode" in shown and "TextEncodeInput" not in shown
+
+
+@pytest.mark.parametrize("method", ["adapter_tuning", "bert_lora"])
+def test_loading_a_shipped_classifier_is_quiet(method):
+    import subprocess
+    import sys
+
+    # the script, and the library as a notebook or BettaFish calls it, with every warning shown (-W default)
+    result = subprocess.run([sys.executable, "-W", "default", str(REPO_ROOT / method / "predict.py"), "--text", "又加班到半夜，心好累"],
+                            capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    code = f"from weibo_senti.predict import Classifier; print(Classifier.load({str(SHIPPED_CLASSIFIERS / method)!r}).predict(['好'])[0]['label'])"
+    library = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    for run in (result, library):
+        assert run.returncode == 0, run.stderr
+        assert "MISSING" not in run.stderr and "LOAD REPORT" not in run.stderr and "Warning" not in run.stderr, run.stderr
+    assert len(result.stderr.strip().splitlines()) == 2  # which classifier it took, and the precision

@@ -2,6 +2,7 @@
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+FINE_TUNING_DEFAULTS_FILE = "fine_tuning.json"  # in a base model folder: settings measured best on it, per method
 
 
 def repo_relative(path):

@@ -9,11 +9,9 @@ a relative path typed on the command line is relative to where you are, as usual
 import argparse
 import re
 import sys
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
-import transformers
 
 from . import REPO_ROOT, UserError
 
@@ -90,10 +88,6 @@ def check_ranges(cfg, ranges):
 
 def main(function):
     """Run a script's work; a UserError ends it with its message instead of a traceback."""
-    # The "newly initialized: score.weight" load report is expected here: the head is what we train.
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # raised inside PEFT
     try:
         function()
     except UserError as error:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import FINE_TUNING_DEFAULTS_FILE
 from .cli import as_flags
-from .models import FINE_TUNING_DEFAULTS_FILE
 
 HUB_ID = "intfloat/multilingual-e5-small"
 PACKAGE_FILE = "e5-small-q4.bin"

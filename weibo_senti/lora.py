@@ -14,7 +14,7 @@ from transformers.pytorch_utils import Conv1D
 
 from . import UserError, cli, training
 from .checkpoint import atomic_directory, load_checkpoint, require_files
-from .models import HEAD_MODULES, load_base_classifier
+from .models import HEAD_MODULES, load_base_classifier, quiet_loading
 
 
 def settings(cfg):
@@ -42,14 +42,16 @@ def build(base_path, tokenizer, settings, weights_from=None):
     base, not_in_base = load_base_classifier(base_path, tokenizer)
     if weights_from is not None:
         require_files(weights_from, "adapter_config.json", "adapter_model.safetensors")  # PEFT's names
-        return PeftModel.from_pretrained(base, weights_from, is_trainable=True)
+        with quiet_loading():
+            return PeftModel.from_pretrained(base, weights_from, is_trainable=True)
     config = LoraConfig(
         task_type=TaskType.SEQ_CLS,
         fan_in_fan_out=base.config.model_type == "gpt2",  # GPT-2's c_attn / c_proj are Conv1D (weights stored transposed)
         modules_to_save=[*HEAD_MODULES, *not_in_base],
         **settings,
     )
-    return get_peft_model(base, config)
+    with quiet_loading():
+        return get_peft_model(base, config)
 
 
 def save(model, directory):

