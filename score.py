@@ -3,7 +3,7 @@
 python score.py --input posts.parquet --output scored/                       # a Parquet folder of part files
 python score.py --input 'crawl/*.jsonl' --output scored.csv --id-column note_id
 python score.py --input sqlite:///posts.db --table weibo_note --id-column note_id --text-column content
-python score.py --input postgresql+psycopg://user:pw@host/db --table weibo_note --where "create_time > '2026-11-01'"
+python score.py --input postgresql+psycopg://user:pw@host/db --table weibo_note --where "create_time > 1793491200"
 python score.py --engine spark --input crawl/ --output scored/ --master spark://host:7077
 python score.py --engine spark --input postgresql+psycopg://user:pw@host/db --table weibo_note   # JDBC in and out
 
@@ -25,7 +25,7 @@ OUTPUT = ""  # a Parquet folder, a .csv file, or a SQLAlchemy URL (default for a
 TABLE = ""  # the input table, for a database input
 ID_COLUMN = "id"  # the column with each post's unique id
 TEXT_COLUMN = "content"  # the column with the text to score
-WHERE = ""  # an SQL condition on the input table, e.g. "create_time > '2026-11-01'"
+WHERE = ""  # an SQL condition on the input table, e.g. "create_time > 1793491200" (MediaCrawler: seconds since 1970)
 OUTPUT_TABLE = ""  # the output table, for a database output (default: <TABLE>_sentiment)
 CHECKPOINT = ""  # checkpoint folder (default: adapter_tuning's best, or the shipped classifier until you have trained one: the best measured)
 ENGINE = "local"  # local, or spark (mapInPandas; files or a database table through JDBC in, a Parquet folder or a table out)
