@@ -225,6 +225,38 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(checkpoints):
     assert refused  # no new connections once SIGTERM arrived
 
 
+def test_a_request_on_an_idle_keep_alive_connection_after_sigterm_is_answered(checkpoints):
+    """A client that reuses its pooled connection just as SIGTERM arrives (before it could see the server close it)
+    gets an answer that closes the connection, not a connection dropped under its request."""
+    server = Server("--checkpoint", checkpoints["a"])
+    body = json.dumps({"text": "好开心"}).encode()
+    request = (
+        f"POST /api/sentiment HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+    def answer(sock):
+        received = b""
+        while b"\r\n\r\n" not in received or not received.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+        return received.decode(errors="replace")
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(request)
+        assert answer(sock).startswith("HTTP/1.1 200")  # the connection is now idle and kept alive
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        sock.sendall(request)
+        reply = answer(sock)
+    assert reply.startswith("HTTP/1.1 200") and "connection: close" in reply.lower(), reply
+    with pytest.raises(httpx.ConnectError):  # and no new connection is taken
+        httpx.get(server.url + "/healthz", timeout=1)
+    assert server.process.wait(timeout=60) == 0
+
+
 def test_a_checkpoint_that_is_not_there_stops_serve_py_at_once(tmp_path):
     result = run_script(REPO_ROOT / "serve.py", "--checkpoint", f"x={tmp_path / 'missing'}")
     assert result.returncode == 2 and "missing" in result.stderr and "Traceback" not in result.stderr

@@ -440,6 +440,7 @@ def create_app(checkpoints, limits=None, mixed_precision="auto", load=load_model
         description="Sentiment of Weibo posts (negative / positive) with the classifiers of this toolkit.",
         lifespan=lifespan,
     )
+    app.state.draining = False  # set by serve() on SIGTERM: answers still come, each closing its connection
 
     def error_response(error):
         metrics.errors.labels(error.kind).inc()
@@ -459,6 +460,8 @@ def create_app(checkpoints, limits=None, mixed_precision="auto", load=load_model
             response = error_response(ServiceError(500, "internal", "internal error; the server log has the details"))
         path = request.url.path if request.url.path in known_paths else "other"  # a bounded set of label values
         metrics.requests.labels(path, str(response.status_code)).inc()
+        if app.state.draining:
+            response.headers["connection"] = "close"
         return response
 
     @app.exception_handler(ServiceError)
@@ -517,6 +520,8 @@ def create_app(checkpoints, limits=None, mixed_precision="auto", load=load_model
 
     @app.get("/readyz", summary="Every model is loaded (503 until then)")
     async def readyz():
+        if app.state.draining:
+            return JSONResponse({"ready": False, "detail": "shutting down"}, status_code=503)
         if pool.models is None:
             return JSONResponse(
                 {"ready": False, "detail": "failed to load; the server log says why" if pool.loading_error else "loading"},
@@ -578,6 +583,19 @@ def serve(cfg, default_checkpoint):
         def handle_exit(self, sig, frame):
             super().handle_exit(sig, frame)
             getattr(self, "_captured_signals", []).clear()  # after the graceful shutdown exit 0, instead of uvicorn re-raising the signal
+
+        async def shutdown(self, sockets=None):
+            # Drain before uvicorn's shutdown, which closes idle keep-alive connections at once: a client that sent a
+            # request on one just then would get no answer at all. New connections are refused; a request on an open
+            # one is answered with "Connection: close"; idle ones are closed after the keep-alive timeout, when they
+            # would have been anyway.
+            for listener in self.servers:
+                listener.close()
+            app.state.draining = True
+            deadline = time.monotonic() + config.timeout_keep_alive
+            while self.server_state.connections and time.monotonic() < deadline and not self.force_exit:
+                await asyncio.sleep(0.05)
+            await super().shutdown(sockets)
 
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=cfg.request_timeout_s + 5)
     server = Server(config)
