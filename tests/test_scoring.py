@@ -376,6 +376,22 @@ def test_spark_workers_run_the_interpreter_that_runs_score_py(checkpoint, tmp_pa
     assert summary(result) == {"read": 20, "scored": 18, "skipped": 0, "bad": 2}
 
 
+def test_a_spark_that_cannot_start_leaves_no_output_tables(checkpoint, tmp_path):
+    pytest.importorskip("pyspark")
+    import sqlalchemy as sa
+
+    url = f"sqlite:///{tmp_path / 'crawl.db'}"
+    posts(12).to_sql("weibo_note", sa.create_engine(url), index=False)
+    env = {**os.environ, "JAVA_HOME": str(tmp_path / "no-java"), "PATH": "/usr/local/bin:/bin"}  # no java anywhere
+    result = subprocess.run(
+        [sys.executable, str(SCORE), "--engine", "spark", "--master", "local[1]", "--input", url, "--table", "weibo_note",
+         "--id-column", "note_id", "--text-column", "content", "--checkpoint", checkpoint, *FP32],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )
+    assert result.returncode == 2 and "error: cannot start Spark" in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert sa.inspect(sa.create_engine(url)).get_table_names() == ["weibo_note"]
+
+
 def test_an_output_csv_that_score_py_did_not_write_is_left_untouched(checkpoint, tmp_path):
     posts(5).to_csv(tmp_path / "p.csv", index=False)
     theirs = tmp_path / "theirs.csv"

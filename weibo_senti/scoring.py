@@ -307,6 +307,8 @@ class TableSink:
             sa.Column("id", id_type), sa.Column("reason", sa.Text), sa.Column("source", sa.Text), sa.Column("row", sa.Integer),
             sa.Column("model", sa.String(200)), sa.Column("seen_at", sa.String(32)), sa.Index(f"ix_{table}_bad_model_id", "model", "id"),
         )
+        existing = set(sa.inspect(self.engine).get_table_names())
+        self.created = [t for t in (self.table, self.bad) if t.name not in existing]
         try:
             metadata.create_all(self.engine)  # existing tables are kept as they are; what they hold is checked below
         except sa.exc.DBAPIError as error:  # a read-only or full database; or a second run that made them just now
@@ -322,6 +324,15 @@ class TableSink:
                 raise DataError(f"{safe_url(url)}: the table '{wanted.name}' exists without the columns {', '.join(missing)}; "
                                 "choose another --output-table")
         self.ids_are_text = isinstance(reflected[table].c.id.type, sa.String)
+
+    def drop_created_if_empty(self):
+        """Undo the tables this run made, when it ends before writing anything (Spark could not start)."""
+        import sqlalchemy as sa
+
+        with self.engine.begin() as connection:
+            for table in self.created:
+                if connection.execute(sa.select(sa.func.count()).select_from(table)).scalar() == 0:
+                    table.drop(connection)
 
     def _ids(self, ids):
         return [str(i) if self.ids_are_text else (i.item() if hasattr(i, "item") else i) for i in ids]
@@ -780,7 +791,13 @@ def score_spark(cfg, checkpoint, model):
         .config("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.chunk_rows))
         .config("spark.ui.enabled", "false")
     )
-    spark = (builder.config("spark.jars", jars) if jars else builder).getOrCreate()
+    try:
+        spark = (builder.config("spark.jars", jars) if jars else builder).getOrCreate()
+    except Exception as error:  # no Java, a master that does not answer: nothing scored, so nothing left behind
+        if sink is not None:
+            sink.drop_created_if_empty()
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"cannot start Spark (--master {cfg.master}; it needs Java 17, JAVA_HOME or java on PATH): {reason}") from None
     spark.sparkContext.setLogLevel("ERROR")
 
     def read_jdbc(url, query):
