@@ -65,3 +65,23 @@ def run_script(path, *args, stdin=None, cwd=REPO_ROOT):
     return subprocess.run(
         [sys.executable, str(path), *map(str, args)], input=stdin, capture_output=True, text=True, cwd=cwd, timeout=300,
     )
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder nobody may write into: by its mode for a normal user; for root, whom modes do not stop, a read-only bind
+    mount (skipped where root may not mount)."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    mounted = subprocess.run(["mount", "--bind", "-o", "ro", str(folder), str(folder)], capture_output=True).returncode == 0
+    if not mounted:
+        pytest.skip("root cannot make a read-only bind mount here, and modes do not stop root")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)

@@ -156,6 +156,11 @@ def test_an_output_dir_that_is_a_file_is_named(tiny_models, weibo_csv, tmp_path)
     assert (tmp_path / "taken").read_text() == "a file of mine"
 
 
+def test_a_read_only_output_dir_is_named(tiny_models, weibo_csv, read_only_dir):
+    with pytest.raises(UserError, match="--output-dir .*: cannot be written .*choose another"):
+        train("adapter_tuning", tiny_models["gpt2"], weibo_csv, read_only_dir / "run", "--epochs", "1")
+
+
 def test_resume_from_a_last_checkpoint_without_its_run_record_is_named(tiny_models, weibo_csv, tmp_path):
     train("adapter_tuning", tiny_models["gpt2"], weibo_csv, tmp_path, "--epochs", "1", "--max-samples", "100")
     info_path = tmp_path / "last" / "checkpoint.json"
