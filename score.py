@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from weibo_senti import cli, scoring  # noqa: E402
 from weibo_senti.predict import Classifier, default_checkpoint  # noqa: E402
+from weibo_senti.checkpoint import model_name  # noqa: E402
 
 INPUT = ""  # a .csv / .jsonl / .parquet file, a folder or glob of them, or a SQLAlchemy database URL
 OUTPUT = ""  # a Parquet folder, a .csv file, or a SQLAlchemy URL (default for a database input: the same database)
@@ -46,7 +47,7 @@ def main():
     cli.check_ranges(cfg, {name: (lambda v: v >= 1, "an integer >= 1") for name in ("chunk_rows", "batch_size")})
     trained = Path(__file__).resolve().parent / "adapter_tuning" / "output" / "best"
     checkpoint = cfg.checkpoint or default_checkpoint(trained, "adapter_tuning")
-    model = scoring.model_name(checkpoint)
+    model = model_name(checkpoint)
     began = time.perf_counter()
     if cfg.engine == "spark":
         counts = scoring.score_spark(cfg, checkpoint, model)

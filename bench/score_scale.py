@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.serve_load import rss_mb  # noqa: E402
 from weibo_senti import REPO_ROOT, repo_relative  # noqa: E402
 from weibo_senti.checkpoint import atomic_file, write_json_atomic  # noqa: E402
-from weibo_senti.scoring import model_name  # noqa: E402
+from weibo_senti.checkpoint import model_name  # noqa: E402
 
 
 def tree_rss_mb(pid):

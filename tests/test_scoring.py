@@ -20,7 +20,7 @@ import tiny
 from conftest import run_script
 from weibo_senti import REPO_ROOT
 from weibo_senti.predict import Classifier
-from weibo_senti.scoring import model_name
+from weibo_senti.checkpoint import model_name
 
 SCORE = REPO_ROOT / "score.py"
 FP32 = ["--mixed-precision", "no"]

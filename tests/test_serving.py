@@ -168,6 +168,22 @@ def test_limits_and_bad_input_get_json_errors_that_name_them(server, body, statu
     assert server.post({"text": "好开心[哈哈]"}).status_code == 200  # and the server goes on serving
 
 
+def test_with_per_text_errors_a_bad_text_costs_only_itself(server):
+    texts = ["好开心[哈哈]", "  ", "坏" * 101, 5, "累死了"]
+    answer = server.post({"texts": texts, "per_text_errors": True})
+    assert answer.status_code == 200, answer.text
+    results, summary = answer.json()["results"], answer.json()["summary"]
+    assert [("error" in result) for result in results] == [False, True, True, True, False]
+    assert "texts[1]: empty" in results[1]["error"] and "MAX_TEXT_CHARS" in results[2]["error"] and "texts[3]" in results[3]["error"]
+    alone = server.post({"texts": ["好开心[哈哈]", "累死了"]}).json()["results"]
+    assert [results[0], results[4]] == alone and "error" not in alone[0]
+    assert summary == {"total": 5, "positive": summary["positive"], "negative": 2 - summary["positive"], "failed": 3,
+                       "average_confidence": pytest.approx((alone[0]["confidence"] + alone[1]["confidence"]) / 2)}
+    assert server.post({"texts": texts}).status_code == 422  # without the option: the request fails, naming texts[1]
+    request = httpx.get(server.url + "/openapi.json").json()["components"]["schemas"]["SentimentRequest"]
+    assert "per_text_errors" in request["properties"] and request["properties"]["per_text_errors"]["description"]
+
+
 def test_malformed_bodies(server):
     for content in (b"{not json", "\ud800".encode("utf-8", "surrogatepass"), b"[1, 2]"):
         response = httpx.post(server.url + "/api/sentiment", content=content, headers={"content-type": "application/json"})
@@ -200,6 +216,24 @@ def test_full_queue_gets_503_and_a_slow_request_504(checkpoints):
         assert slow.status_code == 504 and "REQUEST_TIMEOUT_S" in slow.json()["detail"]
         assert server.metric('weibo_senti_errors_total{kind="timeout"}') == 1
         assert httpx.get(server.url + "/healthz").status_code == 200
+    finally:
+        assert server.stop() == 0
+
+
+def test_the_deadline_bounds_the_wait_in_the_queue_not_the_work(checkpoints):
+    """A request longer than REQUEST_TIMEOUT_S takes to score is answered in full once its texts reach the model; a
+    request that times out waiting leaves what was scored meanwhile in the cache for its retry."""
+    server = Server("--checkpoint", checkpoints["a"], "--request-timeout-s", "0.3", "--max-batch-size", "8",
+                    "--forward-batch-size", "1", "--mixed-precision", "no", "--max-texts-per-request", "512")
+    try:
+        texts = [f"{text}{i}" for i, text in enumerate(TEXTS * 17)][:400]
+        started = time.monotonic()
+        answer = server.post({"texts": texts})
+        assert answer.status_code == 200 and len(answer.json()["results"]) == 400, answer.text
+        assert time.monotonic() - started > 0.3  # it did take longer than the deadline
+        models = httpx.get(server.url + "/api/models").json()["models"]
+        from weibo_senti.checkpoint import model_name
+        assert models[0]["model_id"] == model_name(checkpoints["a"])
     finally:
         assert server.stop() == 0
 
@@ -268,7 +302,7 @@ def test_a_text_that_breaks_the_model_fails_only_its_own_request(classifier):
     """Batcher._score, the part of a batch that runs on the model thread: the batch fails, then each text alone."""
     import asyncio
 
-    from weibo_senti.serving import Batcher, Limits, Metrics, Pending, ServiceError
+    from weibo_senti.serving import Batcher, Limits, Metrics, Pending, ResultCache, ServiceError
 
     class Fragile(type(classifier)):
         def predict(self, texts, batch_size=64, adapter_names=None):
@@ -277,9 +311,9 @@ def test_a_text_that_breaks_the_model_fails_only_its_own_request(classifier):
             return super().predict(texts, batch_size, adapter_names)
 
     classifier.__class__ = Fragile
-    batcher = Batcher(classifier, Limits(), Metrics(), model_thread=None)
+    batcher = Batcher(classifier, Limits(), Metrics(), model_thread=None, cache=ResultCache(0))
     loop = asyncio.new_event_loop()
-    outcomes = batcher._score([Pending(text, None, loop.create_future()) for text in ("好开心", "炸", "难过")])
+    outcomes = batcher._score([Pending(text, None, loop.create_future(), ("m", text)) for text in ("好开心", "炸", "难过")])
     loop.close()
     assert isinstance(outcomes[1], ServiceError) and outcomes[1].status == 500 and "boom" not in outcomes[1].message
     assert [outcome["label"] for outcome in (outcomes[0], outcomes[2])] == [r["label"] for r in classifier.predict(["好开心", "难过"])]

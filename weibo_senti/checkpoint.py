@@ -3,6 +3,7 @@
 A folder is written under a temporary name and swapped in by rename, so a crash while writing
 never damages the checkpoint that was there before.
 """
+import hashlib
 import importlib
 import json
 import os
@@ -195,3 +196,18 @@ def load_checkpoint(directory, expected_method=None):
     except Exception as error:
         raise CheckpointError(f"{directory}: cannot load the trained weights ({type(error).__name__}: {error})") from None
     return model.eval(), tokenizer, info
+
+
+def model_name(checkpoint):
+    """What the sink's `model` column records: the checkpoint's method and a digest of its weights and settings, so a
+    retrained checkpoint scores everything again while a rerun of the same one skips what it did."""
+    folder = find_checkpoint(Path(checkpoint))
+    if not folder.is_dir():
+        return str(checkpoint)  # a hub id
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if path.suffix in (".safetensors", ".bin") or path.name in ("checkpoint.json", "config.json", "adapter_config.json"):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    method = read_info(folder)["method"] if (folder / "checkpoint.json").is_file() else folder.name
+    return f"{method}@{digest.hexdigest()[:12]}"

@@ -7,7 +7,6 @@ Rows that cannot be scored (no id, NULL, empty or non-text content) go to a side
 <table>_bad, <folder>/_bad_rows/, <csv stem>.bad.csv. They count as handled: a rerun does not record them again.
 """
 import glob
-import hashlib
 import importlib
 import json
 import numbers
@@ -23,7 +22,6 @@ from filelock import FileLock, Timeout
 from tqdm import tqdm
 
 from . import UserError
-from .checkpoint import find_checkpoint, read_info
 from .data import DataError
 from .predict import text_problem
 
@@ -41,21 +39,6 @@ def is_database(location):
 
 def is_remote_path(location):
     return "://" in str(location) and not is_database(location)
-
-
-def model_name(checkpoint):
-    """What the sink's `model` column records: the checkpoint's method and a digest of its weights and settings, so a
-    retrained checkpoint scores everything again while a rerun of the same one skips what it did."""
-    folder = find_checkpoint(Path(checkpoint))
-    if not folder.is_dir():
-        return str(checkpoint)  # a hub id
-    digest = hashlib.sha256()
-    for path in sorted(folder.iterdir()):
-        if path.suffix in (".safetensors", ".bin") or path.name in ("checkpoint.json", "config.json", "adapter_config.json"):
-            digest.update(path.name.encode())
-            digest.update(path.read_bytes())
-    method = read_info(folder)["method"] if (folder / "checkpoint.json").is_file() else folder.name
-    return f"{method}@{digest.hexdigest()[:12]}"
 
 
 def now():

@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 
 from . import UserError, repo_relative
 from .cli import check_ranges
-from .checkpoint import CheckpointError, base_model_of, find_checkpoint, read_info
+from .checkpoint import CheckpointError, base_model_of, find_checkpoint, model_name, read_info
 from .predict import Classifier, clean_text, text_problem
 
 log = logging.getLogger("weibo_senti.serving")
@@ -83,11 +83,13 @@ class Served:
     classifier: Classifier
     adapter: str | None  # None: a model of its own
     group: "Batcher" = None
+    model_id: str = ""  # what score.py writes in its `model` column: method@digest of the weights
 
     def describe(self):
         metrics = self.info.get("metrics", {})
         return {
             "name": self.name,
+            "model_id": self.model_id,
             "method": self.info.get("method", "plain classifier"),
             "base": self.info.get("base_model"),
             "checkpoint": shown_path(self.path),
@@ -129,7 +131,7 @@ def load_models(checkpoints, mixed_precision):
                 classifier.model.load_adapter(str(folder), adapter_name=adapter)
             except Exception as error:
                 raise CheckpointError(f"{folder}: cannot load it as an adapter of {key[0]} ({type(error).__name__}: {error})") from None
-            served[name] = Served(name, path, info, classifier, adapter=adapter)
+            served[name] = Served(name, path, info, classifier, adapter=adapter, model_id=model_name(path))
         else:
             # a LoRA checkpoint alone on its base is merged into it (twice as fast on a CPU); one that shares stays a
             # PeftModel, which the later ones join as adapters
@@ -137,7 +139,8 @@ def load_models(checkpoints, mixed_precision):
             classifier = Classifier.load(path, mixed_precision=mixed_precision, merge_lora=not shares)
             if shares:
                 shared[key] = classifier
-            served[name] = Served(name, path, info, classifier, adapter=classifier.model.active_adapter if shares else None)
+            served[name] = Served(
+                name, path, info, classifier, adapter=classifier.model.active_adapter if shares else None, model_id=model_name(path))
         log.info("loaded %s: %s", name, classifier.source)
     return served
 
@@ -183,18 +186,21 @@ class Pending:
     text: str
     adapter: str | None
     future: asyncio.Future
+    cache_key: tuple
+    started: bool = False  # taken into a model call: no longer subject to the request's deadline
     queued_at: float = field(default_factory=time.perf_counter)
 
 
 class Batcher:
     """The queue of one loaded model and the task that empties it in batches onto the model thread."""
 
-    def __init__(self, classifier, limits, metrics, model_thread):
-        self.classifier, self.limits, self.metrics, self.model_thread = classifier, limits, metrics, model_thread
+    def __init__(self, classifier, limits, metrics, model_thread, cache):
+        self.classifier, self.limits, self.metrics, self.model_thread, self.cache = classifier, limits, metrics, model_thread, cache
         self.queue = asyncio.Queue()
         self.task = None
 
-    def submit(self, texts, adapter):
+    def submit(self, texts, adapter, cache_keys):
+        """Queue the texts; their Pending entries, in order."""
         if self.queue.qsize() + len(texts) > self.limits.max_queue:
             raise ServiceError(
                 503, "queue_full",
@@ -202,12 +208,10 @@ class Batcher:
                 f"(MAX_QUEUE); retry shortly", headers={"Retry-After": "1"},
             )
         loop = asyncio.get_running_loop()
-        futures = []
-        for text in texts:
-            future = loop.create_future()
-            self.queue.put_nowait(Pending(text, adapter, future))
-            futures.append(future)
-        return futures
+        entries = [Pending(text, adapter, loop.create_future(), key) for text, key in zip(texts, cache_keys)]
+        for entry in entries:
+            self.queue.put_nowait(entry)
+        return entries
 
     async def run(self):
         loop = asyncio.get_running_loop()
@@ -227,11 +231,14 @@ class Batcher:
                 continue
             now = time.perf_counter()
             for item in batch:
+                item.started = True
                 self.metrics.queue_wait.observe(now - item.queued_at)
             self.metrics.batch_size.observe(len(batch))
             with self.metrics.model_time.time():
                 outcomes = await loop.run_in_executor(self.model_thread, self._score, batch)
             for item, outcome in zip(batch, outcomes):
+                if not isinstance(outcome, Exception):
+                    self.cache.put(item.cache_key, outcome)  # kept even if its client left: a retry finds it
                 if item.future.done():
                     continue
                 if isinstance(outcome, Exception):
@@ -261,20 +268,27 @@ class SentimentRequest(BaseModel):
     texts: Any = Field(None, description="a list of texts, answered in the same order", examples=[["太好吃了[爱你]", "排了两个小时的队[抓狂]"]])
     model: str | None = Field(None, description="a name from GET /api/models; default: the first served")
     clean: bool = Field(False, description="first remove {%...%} tags, @user, 【...】, zero-width characters and emoji")
+    per_text_errors: bool = Field(
+        False, description="false: one text that cannot be scored (empty, not text, a NUL, over MAX_TEXT_CHARS) fails the "
+        "request with 422 naming it; true: that text gets {\"error\": why} in its place in results, the others are "
+        "scored, and the answer is 200",
+    )
 
 
 class Result(BaseModel):
-    label: int = Field(description="0 negative, 1 positive")
-    sentiment: str
-    confidence: float
-    prob_positive: float
+    label: int | None = Field(None, description="0 negative, 1 positive")
+    sentiment: str | None = None
+    confidence: float | None = Field(None, description="the probability of the label given")
+    prob_positive: float | None = None
+    error: str | None = Field(None, description="only with per_text_errors: why this text was not scored")
 
 
 class Summary(BaseModel):
-    total: int
+    total: int = Field(description="texts in the request")
     positive: int
     negative: int
-    average_confidence: float
+    failed: int = Field(0, description="texts not scored (per_text_errors)")
+    average_confidence: float | None = Field(None, description="over the scored texts")
 
 
 class SentimentResponse(BaseModel):
@@ -353,7 +367,7 @@ class ModelPool:
         batchers = {}
         for served in models.values():
             served.group = batchers.setdefault(
-                id(served.classifier), Batcher(served.classifier, self.limits, self.metrics, self.model_thread))
+                id(served.classifier), Batcher(served.classifier, self.limits, self.metrics, self.model_thread, self.cache))
         for batcher in batchers.values():
             batcher.task = asyncio.create_task(batcher.run())
         self.batchers, self.models = list(batchers.values()), models
@@ -377,34 +391,49 @@ class ModelPool:
         return self.models
 
     async def results(self, served, texts):
-        """predict()'s result for each text, in order: from the cache, or scored in the batches of its model."""
+        """predict()'s result for each text, in order: from the cache, or scored in the batches of its model; a text
+        the model failed on gets its ServiceError in its place.
+
+        REQUEST_TIMEOUT_S bounds the wait in the queue, not the work: a request none of whose texts has reached the
+        model by then gets 504 (and its texts leave the queue); once one has, the request is answered in full, however
+        long its texts take on a slow CPU. Results scored for a request that timed out or went away stay in the cache."""
         results = [self.cache.get((served.name, text)) for text in texts]
         missing = [i for i, result in enumerate(results) if result is None]
         self.metrics.cache_hits.inc(len(texts) - len(missing))
         self.metrics.cache_misses.inc(len(missing))
         if missing:
-            futures = served.group.submit([texts[i] for i in missing], served.adapter)
+            entries = served.group.submit([texts[i] for i in missing], served.adapter, [(served.name, texts[i]) for i in missing])
+            futures = [entry.future for entry in entries]
             try:
-                scored = await asyncio.wait_for(asyncio.gather(*futures), self.limits.request_timeout_s)
-            except TimeoutError:
-                raise ServiceError(
-                    504, "timeout", f"not answered within {self.limits.request_timeout_s:g} s (REQUEST_TIMEOUT_S); the server is overloaded"
-                ) from None
+                _, waiting = await asyncio.wait(futures, timeout=self.limits.request_timeout_s)
+                if waiting and not any(entry.started for entry in entries):
+                    raise ServiceError(
+                        504, "timeout", f"none of its texts reached the model within {self.limits.request_timeout_s:g} s "
+                        "(REQUEST_TIMEOUT_S); the server is overloaded"
+                    )
+                scored = await asyncio.gather(*futures, return_exceptions=True)
+            finally:
+                for future in futures:  # a request that ends (timed out, or its client left) takes its texts out of the queue
+                    future.cancel()
             for i, result in zip(missing, scored):
                 results[i] = result
-                self.cache.put((served.name, texts[i]), result)
         self.metrics.texts.labels(served.name).inc(len(texts))
         return results
 
 
+def field_of(body, i):
+    """How an error names the i-th text of a request."""
+    return "text" if body.text is not None else f"texts[{i}]"
+
+
 def texts_of(body, limits):
-    """The texts of a request, checked against the limits (cleaned when it asks for that); a ServiceError names the
-    first that cannot be scored."""
+    """The texts of a request, checked against the limits (cleaned when it asks for that), and {index: why} for those
+    that cannot be scored; without per_text_errors a ServiceError names the first of them instead."""
     if (body.text is None) == (body.texts is None):
         raise ServiceError(422, "invalid_request", 'give either "text" (one string) or "texts" (a list of strings)')
     if body.texts is not None and not isinstance(body.texts, list):
         raise ServiceError(422, "invalid_request", f'"texts" must be a list of strings, not {type(body.texts).__name__}')
-    texts, where = ([body.text], lambda i: "text") if body.text is not None else (body.texts, lambda i: f"texts[{i}]")
+    texts = [body.text] if body.text is not None else body.texts
     if len(texts) > limits.max_texts_per_request:
         raise ServiceError(
             413, "too_many_texts",
@@ -412,15 +441,18 @@ def texts_of(body, limits):
         )
     if not texts:
         raise ServiceError(422, "invalid_request", '"texts" is empty: give at least one text')
+    problems = {}
     for i, text in enumerate(texts):
         problem = text_problem(text)
         if problem is None and len(text) > limits.max_text_chars:
             problem = f"{len(text):,} characters; the limit is {limits.max_text_chars:,} (MAX_TEXT_CHARS)"
         if problem is None and body.clean and not clean_text(text):
             problem = "empty after cleaning"
+        if problem and not body.per_text_errors:
+            raise ServiceError(422, "invalid_text", f"{field_of(body, i)}: {problem}")
         if problem:
-            raise ServiceError(422, "invalid_text", f"{where(i)}: {problem}")
-    return [clean_text(text) for text in texts] if body.clean else texts
+            problems[i] = f"{field_of(body, i)}: {problem}"
+    return [clean_text(text) if body.clean and i not in problems else text for i, text in enumerate(texts)], problems
 
 
 def create_app(checkpoints, limits=None, mixed_precision="auto", load=load_models, on_load_failure=None):
@@ -484,22 +516,33 @@ def create_app(checkpoints, limits=None, mixed_precision="auto", load=load_model
         )
         return error_response(ServiceError(422, "invalid_request", problems))
 
-    @app.post("/api/sentiment", response_model=SentimentResponse, summary="Sentiment of one text or a list of texts")
+    @app.post("/api/sentiment", response_model=SentimentResponse, response_model_exclude_none=True,
+              summary="Sentiment of one text or a list of texts")
     async def sentiment(body: SentimentRequest):
         models = pool.ready()
         name = body.model or next(iter(models))
         if name not in models:
             raise ServiceError(404, "unknown_model", f"no model named {name!r}; served: {', '.join(models)}")
-        results = await pool.results(models[name], texts_of(body, limits))
-        positive = sum(result["label"] for result in results)
+        texts, problems = texts_of(body, limits)
+        good = [i for i in range(len(texts)) if i not in problems]
+        results = [{"error": problems.get(i)} for i in range(len(texts))]  # the scored ones are filled in below
+        for i, result in zip(good, await pool.results(models[name], [texts[i] for i in good]) if good else []):
+            if isinstance(result, ServiceError):
+                if not body.per_text_errors:
+                    raise result
+                result = {"error": f"{field_of(body, i)}: {result.message}"}
+            results[i] = result
+        scored = [result for result in results if "error" not in result]
+        positive = sum(result["label"] for result in scored)
         return {
             "model": name,
             "results": results,
             "summary": {
                 "total": len(results),
                 "positive": positive,
-                "negative": len(results) - positive,
-                "average_confidence": sum(result["confidence"] for result in results) / len(results),
+                "negative": len(scored) - positive,
+                "failed": len(results) - len(scored),
+                "average_confidence": sum(result["confidence"] for result in scored) / len(scored) if scored else None,
             },
         }
 
