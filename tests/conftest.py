@@ -3,8 +3,13 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network; set before huggingface_hub is imported
 
 import runpy  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
+
+import httpx  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -85,3 +90,41 @@ def read_only_dir(tmp_path):
         yield folder
     finally:
         subprocess.run(["umount", str(folder)], check=True)
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    def __init__(self, *args):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [sys.executable, str(REPO_ROOT / "serve.py"), "--port", str(self.port), "--log-level", "warning", *map(str, args)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.process.stdout.read()
+            try:
+                if httpx.get(self.url + "/readyz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError("the server did not get ready within 120 s")
+
+    def post(self, body=None, **options):
+        return httpx.post(self.url + "/api/sentiment", json=body, timeout=60, **options)
+
+    def metric(self, name):
+        lines = httpx.get(self.url + "/metrics").text.splitlines()
+        return sum(float(line.split()[-1]) for line in lines if line.startswith(name + " ") or line.startswith(name + "{"))
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=60)

@@ -2,8 +2,6 @@
 import json
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -11,50 +9,12 @@ import httpx
 import pytest
 
 import tiny
-from conftest import run_script, train
+from conftest import Server, free_port, run_script, train
 from weibo_senti import REPO_ROOT
 from weibo_senti.predict import Classifier
 
 TEXTS = [text for _, text in tiny.synthetic_rows(24, seed=5)]
 STRICT = ["--max-texts-per-request", "20", "--max-text-chars", "100", "--max-body-bytes", "4000"]
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    def __init__(self, *args):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(
-            [sys.executable, str(REPO_ROOT / "serve.py"), "--port", str(self.port), "--log-level", "warning", *map(str, args)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.process.stdout.read()
-            try:
-                if httpx.get(self.url + "/readyz").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError("the server did not get ready within 120 s")
-
-    def post(self, body=None, **options):
-        return httpx.post(self.url + "/api/sentiment", json=body, timeout=60, **options)
-
-    def metric(self, name):
-        lines = httpx.get(self.url + "/metrics").text.splitlines()
-        return sum(float(line.split()[-1]) for line in lines if line.startswith(name + " ") or line.startswith(name + "{"))
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -546,7 +546,7 @@ def create_app(checkpoints, limits=None, mixed_precision="auto", load=load_model
             },
         }
 
-    @app.get("/api/models", summary="The served classifiers, with their validation scores")
+    @app.get("/api/models", summary="The served classifiers, with their validation scores, and the limits of a request")
     async def list_models():
         models = pool.ready()
         described = [served.describe() for served in models.values()]
@@ -555,7 +555,7 @@ def create_app(checkpoints, limits=None, mixed_precision="auto", load=load_model
             entry["shares_base_with"] = [
                 other.name for other in models.values() if other is not served and other.classifier is served.classifier
             ]
-        return {"models": described}
+        return {"models": described, "limits": asdict(limits)}
 
     @app.get("/healthz", summary="The process is up")
     async def healthz():

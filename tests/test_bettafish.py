@@ -1,0 +1,155 @@
+"""BettaFish's analyzer contract (InsightEngine/tools/sentiment_analyzer.py), checked from its documented interface, and
+the serve.py client it uses, against a real server on loopback."""
+import pandas as pd
+import httpx
+import pytest
+
+import tiny
+from conftest import Server, free_port
+from weibo_senti import REPO_ROOT
+from weibo_senti.bettafish import BatchSentimentResult, SentimentResult, WeiboSentimentAnalyzer
+from weibo_senti.client import RequestRejected, SentimentClient, ServiceUnavailable
+from weibo_senti.predict import Classifier
+
+TEXTS = [text for _, text in tiny.synthetic_rows(60, seed=11)]
+STRICT = ["--max-texts-per-request", "20", "--max-text-chars", "100", "--max-body-bytes", "4000"]
+ANALYSIS_KEYS = {"total_analyzed", "success_rate", "average_confidence", "sentiment_distribution", "high_confidence_results", "summary"}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(trained):
+    return trained("bert_lora")[0] / "best"
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    server = Server("--checkpoint", f"mine={checkpoint}", "--mixed-precision", "no", *STRICT)
+    yield server
+    assert server.stop() == 0
+
+
+def check_result_types(result):
+    assert isinstance(result, SentimentResult)
+    assert isinstance(result.text, str) and isinstance(result.sentiment_label, str) and isinstance(result.confidence, float)
+    assert isinstance(result.probability_distribution, dict) and isinstance(result.success, bool)
+    assert result.error_message is None or isinstance(result.error_message, str)
+    assert isinstance(result.analysis_performed, bool)
+
+
+def check_analysis(answer, rows_with_text, min_confidence):
+    analysis = answer["sentiment_analysis"]
+    assert ANALYSIS_KEYS <= set(analysis) and "available" not in analysis
+    assert isinstance(analysis["total_analyzed"], int) and isinstance(analysis["average_confidence"], float)
+    done, total = map(int, analysis["success_rate"].split("/"))
+    assert done == analysis["total_analyzed"] and total == rows_with_text
+    assert set(analysis["sentiment_distribution"]) <= {"负面", "中性", "正面"}
+    assert sum(analysis["sentiment_distribution"].values()) == analysis["total_analyzed"]
+    for entry in analysis["high_confidence_results"]:
+        assert set(entry) == {"original_data", "sentiment", "confidence", "text_preview"}
+        assert entry["confidence"] >= min_confidence and isinstance(entry["original_data"], dict)
+        assert len(entry["text_preview"]) <= 103
+    assert isinstance(analysis["summary"], str) and analysis["summary"]
+    return analysis
+
+
+@pytest.mark.parametrize("backend", ["url", "in_process"])
+def test_the_analyzer_speaks_bettafish(server, checkpoint, backend):
+    analyzer = WeiboSentimentAnalyzer(url=server.url) if backend == "url" else WeiboSentimentAnalyzer(checkpoint=checkpoint, mixed_precision="no")
+    assert not analyzer.is_initialized and not analyzer.is_disabled and analyzer.disable_reason is None
+    assert analyzer.initialize() and analyzer.is_initialized
+    expected = Classifier.load(checkpoint, mixed_precision="no").predict(TEXTS[:3])
+
+    one = analyzer.analyze_single_text(TEXTS[0])
+    check_result_types(one)
+    assert one.success and one.analysis_performed and one.sentiment_label == ("正面" if expected[0]["label"] else "负面")
+    assert one.confidence == pytest.approx(expected[0]["confidence"], abs=1e-5)
+    assert one.probability_distribution["正面"] == pytest.approx(expected[0]["prob_positive"], abs=1e-5)
+
+    batch = analyzer.analyze_batch([TEXTS[1], "   ", TEXTS[2], "x" * 150 if backend == "url" else "\x00"], show_progress=False)
+    assert isinstance(batch, BatchSentimentResult) and batch.analysis_performed
+    assert (batch.total_processed, batch.success_count, batch.failed_count) == (4, 2, 2)
+    for result in batch.results:
+        check_result_types(result)
+    assert [r.success for r in batch.results] == [True, False, True, False] and batch.results[1].error_message
+    assert batch.average_confidence == pytest.approx((expected[1]["confidence"] + expected[2]["confidence"]) / 2, abs=1e-5)
+
+    rows = [{"note_id": i, "content": text} for i, text in enumerate(TEXTS[:30])]
+    rows += [{"note_id": 98, "content": "", "title": "标题里的文字好开心"}, {"note_id": 99, "content": None}, {"note_id": 100, "desc": "x"}]
+    everything = check_analysis(analyzer.analyze_query_results(rows), rows_with_text=31, min_confidence=0.5)
+    assert len(everything["high_confidence_results"]) == everything["total_analyzed"] == 31  # 0.5: a binary label always is
+    confidences = sorted(entry["confidence"] for entry in everything["high_confidence_results"])
+    threshold = confidences[len(confidences) // 2]
+    kept = check_analysis(analyzer.analyze_query_results(rows, min_confidence=threshold), 31, threshold)
+    assert 0 < len(kept["high_confidence_results"]) < 31
+    assert any(entry["original_data"]["note_id"] == 98 for entry in everything["high_confidence_results"])
+    assert analyzer.get_model_info()["model_name"].startswith("bert_lora@")
+
+
+def test_neutral_is_the_band_where_the_classifier_cannot_tell(checkpoint):
+    analyzer = WeiboSentimentAnalyzer(checkpoint=checkpoint, mixed_precision="no", neutral_below=0.99)
+    assert analyzer.initialize()
+    results = analyzer.analyze_batch(TEXTS, show_progress=False).results
+    assert {r.sentiment_label for r in results} <= {"负面", "中性", "正面"}
+    assert all((r.sentiment_label == "中性") == (r.confidence < 0.99) for r in results)
+    analysis = analyzer.analyze_query_results([{"content": t} for t in TEXTS], min_confidence=0.5)["sentiment_analysis"]
+    assert all(entry["sentiment"] != "中性" for entry in analysis["high_confidence_results"])
+    with pytest.raises(ValueError, match="from 0.5 to 1"):
+        WeiboSentimentAnalyzer(neutral_below=0.3)
+
+
+def test_without_a_server_bettafish_goes_on_without_sentiment():
+    analyzer = WeiboSentimentAnalyzer(url=f"http://127.0.0.1:{free_port()}", retries=0)
+    assert analyzer.initialize() is False and analyzer.is_disabled and "ConnectError" in analyzer.disable_reason
+    rows = [{"content": "好开心"}, {"content": "好难过"}]
+    analysis = analyzer.analyze_query_results(rows)["sentiment_analysis"]
+    assert analysis["available"] is False and analysis["reason"] == analyzer.disable_reason
+    assert analysis["original_texts"] == rows and analysis["passthrough_texts"] == ["好开心", "好难过"]
+    assert ANALYSIS_KEYS <= set(analysis) and analysis["success_rate"] == "0/2"
+    single = analyzer.analyze_single_text("好开心")
+    assert not single.success and not single.analysis_performed and single.error_message == analyzer.disable_reason
+
+
+def test_the_client_splits_by_count_and_bytes_and_reports_each_bad_text(server, checkpoint):
+    texts = TEXTS + ["开心" * 45] * 30 + ["", "好" * 101, "x" * 5000]  # 60 + 30 two-hundred-byte texts, then three bad ones
+    with SentimentClient(server.url) as client:
+        assert client.limits["max_texts_per_request"] == 20 and client.limits["max_body_bytes"] == 4000
+        requests_before = server.metric("weibo_senti_requests_total")
+        results = client.score(texts)
+        requests = server.metric("weibo_senti_requests_total") - requests_before
+    assert len(results) == len(texts) and requests >= 7  # 60 by count (3) and 30 x 200 bytes by size (2+), and the rest
+    expected = Classifier.load(checkpoint, mixed_precision="no").predict(texts[:90])
+    for got, want in zip(results, expected):
+        assert got["label"] == want["label"] and got["prob_positive"] == pytest.approx(want["prob_positive"], abs=1e-5)
+    assert "empty" in results[90]["error"] and "MAX_TEXT_CHARS" in results[91]["error"] and "MAX_BODY_BYTES" in results[92]["error"]
+    with SentimentClient(server.url, model="nope") as client, pytest.raises(RequestRejected, match="unknown_model"):
+        client.score(["好"])
+
+
+def test_the_client_waits_for_a_server_that_is_still_starting(checkpoint):
+    port = free_port()
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, str(REPO_ROOT / "serve.py"), "--checkpoint", str(checkpoint), "--port", str(port),
+                                "--log-level", "warning", "--mixed-precision", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with SentimentClient(f"http://127.0.0.1:{port}", retries=8) as client:  # refused, then 503 not_ready, then answered
+            assert [result["label"] for result in client.score(TEXTS[:5])] == [r["label"] for r in Classifier.load(checkpoint).predict(TEXTS[:5])]
+        with SentimentClient(f"http://127.0.0.1:{free_port()}", retries=1, max_retry_wait_s=0.1) as client, \
+                pytest.raises(ServiceUnavailable, match="no answer after 2 tries"):
+            client.score(["好"])
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def test_a_256_text_request_to_the_default_classifier_in_fp32_is_answered_in_full():
+    """The default (shipped e5) classifier, the CPU forced to fp32: no 504 for a full request within the limits."""
+    texts = pd.read_csv(REPO_ROOT / "dataset" / "weibo_senti_100k.csv", nrows=256)["review"].str.replace(r"\[[^\]]*\]", "", regex=True).tolist()
+    server = Server("--mixed-precision", "no")
+    try:
+        answer = httpx.post(server.url + "/api/sentiment", json={"texts": texts, "per_text_errors": True}, timeout=600)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["summary"]["total"] == 256 and answer.json()["summary"]["failed"] == sum(not t.strip() for t in texts)
+    finally:
+        assert server.stop() == 0
