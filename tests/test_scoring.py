@@ -102,7 +102,7 @@ def test_sqlite_table_scored_into_its_database_with_where(checkpoint, tmp_path):
     engine = sa.create_engine(url)
     scored = pd.read_sql_table("weibo_note_sentiment", engine)
     check_results(scored, expected(checkpoint, table), model_name(checkpoint))
-    assert set(scored.columns) == {"id", "label", "sentiment", "confidence", "prob_positive", "model", "scored_at"}
+    assert set(scored.columns) == {"id", "label", "sentiment", "confidence", "prob_positive", "model", "scored_at", "text_digest"}
     bad = pd.read_sql_table("weibo_note_sentiment_bad", engine)
     assert sorted(bad["id"]) == [4, 8]
     engine.dispose()

@@ -1,12 +1,14 @@
 """Score a whole crawl (score.py): CSV / JSON-lines / Parquet files or a database table in; a Parquet folder, a CSV or
-a database table out. In chunks with bounded memory, incremental (ids the sink already holds for the same model are
-skipped) and safe to kill at any moment: a database chunk is one transaction, a Parquet part file is renamed into place,
+a database table out. In chunks with bounded memory, incremental (a row the sink already holds for the same model and
+the same text is skipped; one whose text changed since, as a re-crawl's upsert changes it, is scored again) and safe to
+kill at any moment: a database chunk is one transaction, a Parquet part file is renamed into place,
 a CSV sink loses at most its unfinished last line, which the next run removes and scores again.
 
 Rows that cannot be scored (no id, NULL, empty or non-text content) go to a side table or file with the reason:
 <table>_bad, <folder>/_bad_rows/, <csv stem>.bad.csv. They count as handled: a rerun does not record them again.
 """
 import glob
+import hashlib
 import importlib
 import json
 import numbers
@@ -25,8 +27,9 @@ from . import UserError
 from .data import DataError
 from .predict import text_problem
 
-RESULT_COLUMNS = ["id", "label", "sentiment", "confidence", "prob_positive", "model", "scored_at"]
-BAD_COLUMNS = ["id", "reason", "source", "row", "model", "seen_at"]
+RESULT_COLUMNS = ["id", "label", "sentiment", "confidence", "prob_positive", "model", "scored_at", "text_digest"]
+BAD_COLUMNS = ["id", "reason", "source", "row", "model", "seen_at", "text_digest"]
+DIGEST_CHARS = 16  # of the text's SHA-256 in hex: what a rerun compares to find the rows whose text changed
 FILE_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 
 
@@ -43,6 +46,26 @@ def is_remote_path(location):
 
 def now():
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def text_digest(text):
+    """The first DIGEST_CHARS hex digits of the SHA-256 of the text's UTF-8 (Spark's sha2 gives the same); None for
+    what is not text."""
+    if not isinstance(text, str):
+        return None
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:DIGEST_CHARS]
+
+
+def already_done(ids, digests, latest, bad):
+    """For each row: does the sink hold it already? latest: {str(id): digest of its current result}; bad: {str(id):
+    digests recorded as bad}. A row is done when its text is the one last scored for its id, or one already found bad;
+    a NULL digest (a result written before digests were kept) counts as the same text."""
+    done = []
+    for identifier, digest in zip(ids, digests):
+        key = str(identifier)
+        known = bad.get(key, set()) | ({latest[key]} if key in latest else set())
+        done.append(digest in known or None in known)
+    return pd.Series(done, index=ids.index)
 
 
 # ---- sources: count() and chunks() of DataFrames with columns id, text, source, row
@@ -283,12 +306,13 @@ class TableSink:
             table, metadata,
             sa.Column("id", id_type, nullable=False), sa.Column("label", sa.Integer), sa.Column("sentiment", sa.String(16)),
             sa.Column("confidence", sa.Float), sa.Column("prob_positive", sa.Float), sa.Column("model", sa.String(200), nullable=False),
-            sa.Column("scored_at", sa.String(32)), sa.PrimaryKeyConstraint("id", "model"),
+            sa.Column("scored_at", sa.String(32)), sa.Column("text_digest", sa.String(DIGEST_CHARS)), sa.PrimaryKeyConstraint("id", "model"),
         )
         self.bad = sa.Table(
             f"{table}_bad", metadata,
             sa.Column("id", id_type), sa.Column("reason", sa.Text), sa.Column("source", sa.Text), sa.Column("row", sa.Integer),
-            sa.Column("model", sa.String(200)), sa.Column("seen_at", sa.String(32)), sa.Index(f"ix_{table}_bad_model_id", "model", "id"),
+            sa.Column("model", sa.String(200)), sa.Column("seen_at", sa.String(32)), sa.Column("text_digest", sa.String(DIGEST_CHARS)),
+            sa.Index(f"ix_{table}_bad_model_id", "model", "id"),
         )
         existing = set(sa.inspect(self.engine).get_table_names())
         self.created = [t for t in (self.table, self.bad) if t.name not in existing]
@@ -302,6 +326,11 @@ class TableSink:
         reflected = {}
         for wanted, columns in ((self.table, RESULT_COLUMNS), (self.bad, BAD_COLUMNS)):
             reflected[wanted.name] = sa.Table(wanted.name, sa.MetaData(), autoload_with=self.engine)
+            if "text_digest" not in reflected[wanted.name].c:  # a table made by a score.py that kept no digests
+                with self.engine.begin() as connection:
+                    connection.execute(sa.text(f"ALTER TABLE {self.engine.dialect.identifier_preparer.quote(wanted.name)} "
+                                               f"ADD COLUMN text_digest VARCHAR({DIGEST_CHARS})"))
+                reflected[wanted.name] = sa.Table(wanted.name, sa.MetaData(), autoload_with=self.engine)
             missing = [column for column in columns if column not in reflected[wanted.name].c]
             if missing:
                 raise DataError(f"{safe_url(url)}: the table '{wanted.name}' exists without the columns {', '.join(missing)}; "
@@ -320,25 +349,41 @@ class TableSink:
     def _ids(self, ids):
         return [str(i) if self.ids_are_text else (i.item() if hasattr(i, "item") else i) for i in ids]
 
-    def done(self, model, ids):
+    def recorded(self, model, ids):
+        """({str(id): digest of its result}, {str(id): digests recorded as bad}) for these ids and this model."""
         import sqlalchemy as sa
 
-        found = set()
+        latest, bad = {}, {}
+        keys = self._ids(ids)
         with self.engine.connect() as connection:
-            for table in (self.table, self.bad):
-                query = sa.select(table.c.id).where(table.c.model == model, table.c.id.in_(self._ids(ids)))
-                found.update(connection.execute(query).scalars())
-        return pd.Series([i in found for i in self._ids(ids)], index=ids.index)
+            for identifier, digest in connection.execute(
+                    sa.select(self.table.c.id, self.table.c.text_digest).where(self.table.c.model == model, self.table.c.id.in_(keys))):
+                latest[str(identifier)] = digest
+            for identifier, digest in connection.execute(
+                    sa.select(self.bad.c.id, self.bad.c.text_digest).where(self.bad.c.model == model, self.bad.c.id.in_(keys))):
+                bad.setdefault(str(identifier), set()).add(digest)
+        return latest, bad
+
+    def delete_results(self, model, ids):
+        """Remove the results of these ids for this model (the Spark engine, before it appends their new ones)."""
+        keys = self._ids(ids)
+        with self.engine.begin() as connection:
+            for start in range(0, len(keys), 1000):
+                connection.execute(self.table.delete().where(self.table.c.model == model, self.table.c.id.in_(keys[start:start + 1000])))
 
     def _insert_results(self):
-        """An insert that leaves alone a result another run wrote meanwhile (two runs into one table: same rows, no error)."""
+        """An insert that replaces the result of a row whose text changed, and rewrites the same result when another run
+        wrote it meanwhile (two runs into one table: the same rows, no error)."""
         dialect = self.engine.dialect.name
+        updated = [column for column in RESULT_COLUMNS if column not in ("id", "model")]
         if dialect in ("postgresql", "sqlite"):
-            return importlib.import_module(f"sqlalchemy.dialects.{dialect}").insert(self.table).on_conflict_do_nothing()
+            insert = importlib.import_module(f"sqlalchemy.dialects.{dialect}").insert(self.table)
+            return insert.on_conflict_do_update(index_elements=["id", "model"], set_={c: insert.excluded[c] for c in updated})
         if dialect in ("mysql", "mariadb"):
             from sqlalchemy.dialects.mysql import insert
 
-            return insert(self.table).on_duplicate_key_update(id=self.table.c.id)  # a no-op update, unlike IGNORE's silent truncation
+            insert = insert(self.table)
+            return insert.on_duplicate_key_update({c: insert.inserted[c] for c in updated})
         return self.table.insert()
 
     def write(self, results, bad):
@@ -352,18 +397,32 @@ class TableSink:
 
 
 class _IdsInMemory:
-    """For file sinks: the ids already written for a model, read once (load_ids) and kept up to date by remember()."""
+    """For file sinks, which only ever append: what was written for a model, read once (load_digests) and kept up to
+    date by remember(). The last result written for an id is its current one."""
 
-    def done(self, model, ids):
+    def recorded(self, model, ids):
         if model not in self.seen:
-            self.seen[model] = self.load_ids(model)
-        seen = self.seen[model]  # (not Series.isin, which copies the whole set on every chunk)
-        return pd.Series([str(i) in seen for i in ids], index=ids.index)
+            self.seen[model] = ({}, {})
+            for frame, is_result in self.load_digests(model):
+                self.remember_frame(model, frame, is_result)
+        return self.seen[model]
 
-    def remember(self, frame):
-        for model, ids in frame.groupby("model")["id"]:
+    def remember(self, frame, is_result):
+        for model, rows in frame.groupby("model"):
             if model in self.seen:
-                self.seen[model].update(str(i) for i in ids if not pd.isna(i))
+                self.remember_frame(model, rows, is_result)
+
+    def remember_frame(self, model, frame, is_result):
+        latest, bad = self.seen[model]
+        digests = frame["text_digest"] if "text_digest" in frame else pd.Series(None, index=frame.index, dtype=object)
+        for identifier, digest in zip(frame["id"], digests):
+            if identifier is None or (not isinstance(identifier, str) and pd.isna(identifier)):
+                continue
+            digest = None if digest is None or (not isinstance(digest, str) and pd.isna(digest)) or digest == "" else digest
+            if is_result:
+                latest[str(identifier)] = digest
+            else:
+                bad.setdefault(str(identifier), set()).add(digest)
 
 
 class ParquetSink(_IdsInMemory):
@@ -384,14 +443,15 @@ class ParquetSink(_IdsInMemory):
         for leftover in [*self.folder.glob(".*.tmp"), *self.bad_folder.glob(".*.tmp")]:
             leftover.unlink()
 
-    def load_ids(self, model):
+    def load_digests(self, model):
+        """(frame of id and text_digest, is_result) per part, oldest first: a part's name begins with its time."""
         import pyarrow.parquet as pq
 
-        ids = set()
-        for file in [*self.folder.glob("*.parquet"), *self.bad_folder.glob("*.parquet")]:  # file by file: older outputs may mix id types
-            table = pq.read_table(file, columns=["id"], filters=[("model", "==", model)])
-            ids.update(str(i) for i in table.column("id").to_pylist())
-        return ids
+        for folder, is_result in ((self.bad_folder, False), (self.folder, True)):
+            for file in sorted(folder.glob("*.parquet")):  # file by file: older outputs may mix id types
+                columns = ["id", "text_digest"] if "text_digest" in pq.read_schema(file).names else ["id"]
+                table = pq.read_table(file, columns=columns, filters=[("model", "==", model)])
+                yield pd.DataFrame({name: pd.Series(table.column(name).to_pylist(), dtype=object) for name in columns}), is_result
 
     def _id_array(self, ids):
         """The id column in the one type this output holds: its first part's, else integers where every id is one, else
@@ -429,10 +489,10 @@ class ParquetSink(_IdsInMemory):
         os.replace(tmp, folder / name)
 
     def write(self, results, bad):
-        for frame, folder in ((bad, self.bad_folder), (results, self.folder)):
+        for frame, folder, is_result in ((bad, self.bad_folder, False), (results, self.folder, True)):
             if len(frame):
                 self._write_part(frame, folder)
-                self.remember(frame)
+                self.remember(frame, is_result)
 
 
 def _is_integer(value):
@@ -463,16 +523,15 @@ class CsvSink(_IdsInMemory):
         for file in (self.path, self.bad_path):
             _drop_unfinished_line(file)
 
-    def load_ids(self, model):
-        ids = set()
-        for file in (self.path, self.bad_path):
+    def load_digests(self, model):
+        """(frame of id and text_digest, is_result) in the order written."""
+        for file, is_result in ((self.bad_path, False), (self.path, True)):
             if file.is_file() and file.stat().st_size:
-                for frame in pd.read_csv(file, usecols=["id", "model"], dtype=str, keep_default_na=False, chunksize=100_000):
-                    ids.update(frame.loc[frame["model"] == model, "id"])
-        return ids
+                for frame in pd.read_csv(file, usecols=["id", "model", "text_digest"], dtype=str, keep_default_na=False, chunksize=100_000):
+                    yield frame[frame["model"] == model], is_result
 
     def write(self, results, bad):
-        for frame, file, columns in ((bad, self.bad_path, BAD_COLUMNS), (results, self.path, RESULT_COLUMNS)):
+        for frame, file, columns, is_result in ((bad, self.bad_path, BAD_COLUMNS, False), (results, self.path, RESULT_COLUMNS, True)):
             if not len(frame):
                 continue
             new = not file.is_file() or file.stat().st_size == 0
@@ -481,7 +540,7 @@ class CsvSink(_IdsInMemory):
                 handle.write(text)
                 handle.flush()
                 os.fsync(handle.fileno())
-            self.remember(frame)
+            self.remember(frame, is_result)
 
 
 def _check_header(file, columns):
@@ -490,6 +549,9 @@ def _check_header(file, columns):
         return
     with open(file, "rb") as handle:
         first = handle.readline().rstrip(b"\r\n")
+    if first == ",".join(column for column in columns if column != "text_digest").encode():
+        raise DataError(f"--output {file}: written by an older score.py, which kept no text digests (so it cannot tell "
+                        "edited rows); it is left as it is: choose another --output, or move it away to score everything anew")
     if first != ",".join(columns).encode():
         shown = first[:120].decode("utf-8", "replace")
         raise DataError(f"--output {file}: not a file score.py wrote (its first line is '{shown}', expected '{','.join(columns)}'); "
@@ -566,13 +628,14 @@ def split_chunk(chunk, sink, model):
             problems.append("NULL text")
         else:
             problems.append(text_problem(text))
-    chunk = chunk.assign(reason=problems)
+    chunk = chunk.assign(reason=problems, text_digest=[text_digest(text) for text in chunk["text"]])
     duplicated = chunk["id"].duplicated() & chunk["reason"].isna()
     chunk.loc[duplicated, "reason"] = "duplicate id (an earlier row with this id is scored)"
     with_id = chunk["reason"] != "missing id"
     already = pd.Series(False, index=chunk.index)
     if with_id.any():
-        already[with_id] = sink.done(model, chunk.loc[with_id, "id"]).to_numpy()
+        latest, bad = sink.recorded(model, chunk.loc[with_id, "id"])
+        already[with_id] = already_done(chunk.loc[with_id, "id"], chunk.loc[with_id, "text_digest"], latest, bad).to_numpy()
     bad = chunk[chunk["reason"].notna() & ~already]
     todo = chunk[chunk["reason"].isna() & ~already]
     return todo, bad, int(already.sum())
@@ -634,6 +697,7 @@ def score_rows(classifier, todo, model, batch_size):
         "prob_positive": [r.get("prob_positive") for r in results],
         "model": model,
         "scored_at": now(),
+        "text_digest": todo["text_digest"].to_numpy(),
         "error": [r.get("error") for r in results],
     })
     frame["label"] = frame["label"].astype("Int64")
@@ -644,6 +708,7 @@ def bad_rows(bad, model):
     return pd.DataFrame({
         "id": bad["id"].to_numpy(), "reason": bad["reason"].to_numpy(), "source": bad["source"].astype(str).to_numpy(),
         "row": bad["row"].astype("Int64").to_numpy() if len(bad) else [], "model": model, "seen_at": now(),
+        "text_digest": bad["text_digest"].to_numpy(),
     })
 
 
@@ -678,7 +743,8 @@ def spark_partition_scorer(checkpoint, model, batch_size, mixed_precision):
             results["reason"] = results.pop("error").where(failed, None)
             out = pd.concat([
                 results,
-                pd.DataFrame({"id": bad["id"].to_numpy(), "model": model, "scored_at": now(), "reason": bad["reason"].to_numpy()}),
+                pd.DataFrame({"id": bad["id"].to_numpy(), "model": model, "scored_at": now(), "text_digest": bad["text_digest"].to_numpy(),
+                              "reason": bad["reason"].to_numpy()}),
             ], ignore_index=True)[[*RESULT_COLUMNS, "reason"]]
             # pandas 3's Arrow-backed strings reach PySpark as chunked arrays, which it cannot take: plain objects
             yield out.astype({column: object for column in out.columns if pd.api.types.is_string_dtype(out[column])})
@@ -687,10 +753,10 @@ def spark_partition_scorer(checkpoint, model, batch_size, mixed_precision):
 
 
 class _NothingDone:
-    """On Spark the ids already scored are removed before mapInPandas, by an anti-join."""
+    """On Spark the rows already scored are removed before mapInPandas, by an anti-join."""
 
-    def done(self, model, ids):
-        return pd.Series(False, index=ids.index)
+    def recorded(self, model, ids):
+        return {}, {}
 
 
 JDBC_DRIVERS = {  # SQLAlchemy backend: (JDBC driver class, the jar a Debian / Ubuntu package installs, that package)
@@ -752,7 +818,6 @@ def score_spark(cfg, checkpoint, model):
     import sqlalchemy as sa
     from pyspark.sql import SparkSession
     from pyspark.sql import types as T
-    from pyspark.errors import AnalysisException
 
     from . import REPO_ROOT
 
@@ -792,19 +857,19 @@ def score_spark(cfg, checkpoint, model):
     else:
         frame = read_files_spark(spark, cfg)
     read = frame.count()
-    done = None
-    if sink is not None:
-        query = sa.union_all(*(sa.select(table.c.id).where(table.c.model == model) for table in (sink.table, sink.bad)))
-        done = read_jdbc(output, sql_for(sink.engine, query))
-    else:
-        for folder in (str(output), f"{str(output).rstrip('/')}/_bad_rows"):
-            try:
-                ids = spark.read.parquet(folder).where(F.col("model") == model).select("id")
-            except AnalysisException:  # no such folder yet, or nothing in it
-                continue
-            done = ids if done is None else done.unionByName(ids)
-    if done is not None:
-        frame = frame.join(done.withColumn("id", F.col("id").cast(frame.schema["id"].dataType)), on="id", how="left_anti")
+    if not isinstance(frame.schema["text"].dataType, T.StringType):
+        frame = frame.withColumn("text", F.col("text").cast("string"))
+    frame = frame.withColumn("text_digest", F.substring(F.sha2(F.col("text"), 256), 1, DIGEST_CHARS))  # = text_digest()
+    results_done, bad_done = recorded_spark(spark, sink, output, model, read_jdbc)
+    if results_done is not None or bad_done is not None:
+        # skip a row whose text is the one last scored for its id, or one already found bad (a NULL digest: written
+        # before digests were kept, taken as the same text)
+        recorded = [d for d in (results_done, bad_done) if d is not None]
+        recorded = recorded[0] if len(recorded) == 1 else recorded[0].unionByName(recorded[1])
+        recorded = recorded.withColumn("id", F.col("id").cast(frame.schema["id"].dataType))
+        skip = (frame.select("id", "text_digest").join(recorded, on="id")
+                .where(F.col("recorded_digest").isNull() | (F.col("recorded_digest") == F.col("text_digest"))).select("id"))
+        frame = frame.join(skip.distinct(), on="id", how="left_anti")
     # Spread the rows to score evenly over every core, several tasks each: one JDBC connection reads a table into one
     # partition, a Parquet file written as one row group is one busy partition however Spark splits it, and adaptive
     # execution may merge what the anti-join leaves into a few
@@ -815,20 +880,20 @@ def score_spark(cfg, checkpoint, model):
         T.StructField("id", frame.schema["id"].dataType), T.StructField("label", T.LongType()),
         T.StructField("sentiment", T.StringType()), T.StructField("confidence", T.DoubleType()),
         T.StructField("prob_positive", T.DoubleType()), T.StructField("model", T.StringType()),
-        T.StructField("scored_at", T.StringType()), T.StructField("reason", T.StringType()),
+        T.StructField("scored_at", T.StringType()), T.StructField("text_digest", T.StringType()), T.StructField("reason", T.StringType()),
     ])
-    if not isinstance(frame.schema["text"].dataType, T.StringType):
-        frame = frame.withColumn("text", F.col("text").cast("string"))
     # computed once, here (the results only, no texts): the writes below change the sink that the anti-join reads, so
     # nothing may be recomputed after them
     scored = frame.mapInPandas(spark_partition_scorer(checkpoint, model, cfg.batch_size, cfg.mixed_precision), schema).localCheckpoint()
     bad = scored.where(F.col("reason").isNotNull()).select(
         "id", "reason", F.lit(source.name if source is not None else str(cfg.input)).alias("source"),
-        F.lit(None).cast("long").alias("row"), "model", F.col("scored_at").alias("seen_at"))
+        F.lit(None).cast("long").alias("row"), "model", F.col("scored_at").alias("seen_at"), "text_digest")
     good = scored.where(F.col("reason").isNull()).drop("reason")
     counts = {"read": read, "scored": good.count(), "bad": bad.count()}
     counts["skipped"] = read - counts["scored"] - counts["bad"]
     if sink is not None:
+        if results_done is not None:  # rows whose text changed: JDBC only appends, so their old results go first
+            sink.delete_results(model, [row.id for row in good.select("id").join(results_done.select("id"), "id", "left_semi").collect()])
         # SQLite takes one writer at a time: one partition writes it
         writers = {"numPartitions": "1"} if sink.engine.dialect.name == "sqlite" else {}
         for rows, table in ((bad, sink.bad.name), (good, sink.table.name)):
@@ -838,6 +903,34 @@ def score_spark(cfg, checkpoint, model):
         good.write.mode("append").parquet(str(output))
     spark.stop()
     return counts
+
+
+def recorded_spark(spark, sink, output, model, read_jdbc):
+    """What the output holds for this model, as two DataFrames of (id, recorded_digest), or None where there is
+    nothing: the digest of each id's last result, and every digest recorded as bad."""
+    import pyspark.sql.functions as F
+    import sqlalchemy as sa
+    from pyspark.errors import AnalysisException
+
+    if sink is not None:
+        frames = [read_jdbc(output, sql_for(sink.engine, sa.select(table.c.id, table.c.text_digest.label("recorded_digest"))
+                                            .where(table.c.model == model))) for table in (sink.table, sink.bad)]
+        return frames[0], frames[1]
+    frames = []
+    for folder, time_column in ((str(output), "scored_at"), (f"{str(output).rstrip('/')}/_bad_rows", "seen_at")):
+        try:
+            parts = spark.read.option("mergeSchema", "true").parquet(folder).where(F.col("model") == model)
+        except AnalysisException:  # no such folder yet, or nothing in it
+            frames.append(None)
+            continue
+        if "text_digest" not in parts.columns:  # parts written before digests were kept
+            parts = parts.withColumn("text_digest", F.lit(None).cast("string"))
+        if time_column == "scored_at":  # a file output keeps every result: an id's last one is current
+            parts = parts.groupBy("id").agg(F.max_by("text_digest", "scored_at").alias("recorded_digest"))
+        else:
+            parts = parts.select("id", F.col("text_digest").alias("recorded_digest"))
+        frames.append(parts)
+    return frames[0], frames[1]
 
 
 def read_files_spark(spark, cfg):
