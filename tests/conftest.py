@@ -4,7 +4,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the networ
 
 import runpy  # noqa: E402
 import signal  # noqa: E402
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -13,6 +12,8 @@ import httpx  # noqa: E402
 
 import pytest  # noqa: E402
 
+import databases  # noqa: E402
+from databases import free_port  # noqa: E402
 import tiny  # noqa: E402
 from weibo_senti import REPO_ROOT, cli, training  # noqa: E402
 TRAIN_SCRIPTS = {name: REPO_ROOT / name / "train.py" for name in ("adapter_tuning", "lora", "bert_lora")}
@@ -92,12 +93,6 @@ def read_only_dir(tmp_path):
         subprocess.run(["umount", str(folder)], check=True)
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Server:
     def __init__(self, *args):
         self.port = free_port()
@@ -128,3 +123,34 @@ class Server:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout=60)
+
+
+def _database_server(start, name, package):
+    url, stop = start()
+    if not url:
+        if os.environ.get("CI"):
+            pytest.fail(f"no {name} server: .ci/run installs one (apt-get install {package})")
+        pytest.skip(f"no {name} server here (apt-get install {package})")
+    return url, stop
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A PostgreSQL database: WEIBO_SENTI_TEST_POSTGRES, or a throwaway server started for the session."""
+    if os.environ.get("WEIBO_SENTI_TEST_POSTGRES"):
+        yield os.environ["WEIBO_SENTI_TEST_POSTGRES"]
+        return
+    url, stop = _database_server(databases.start_postgres, "PostgreSQL", "postgresql")
+    yield url
+    stop()
+
+
+@pytest.fixture(scope="session")
+def mariadb_url():
+    """A MariaDB (MySQL) database: WEIBO_SENTI_TEST_MYSQL, or a throwaway server started for the session."""
+    if os.environ.get("WEIBO_SENTI_TEST_MYSQL"):
+        yield os.environ["WEIBO_SENTI_TEST_MYSQL"]
+        return
+    url, stop = _database_server(databases.start_mariadb, "MariaDB", "mariadb-server")
+    yield url
+    stop()

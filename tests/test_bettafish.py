@@ -5,7 +5,8 @@ import httpx
 import pytest
 
 import tiny
-from conftest import Server, free_port
+from conftest import Server
+from databases import free_port
 from weibo_senti import REPO_ROOT
 from weibo_senti.bettafish import BatchSentimentResult, SentimentResult, WeiboSentimentAnalyzer
 from weibo_senti.client import RequestRejected, SentimentClient, ServiceUnavailable

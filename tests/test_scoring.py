@@ -1,14 +1,12 @@
-"""score.py against real files, a real SQLite file, a real PostgreSQL server on loopback, and Spark in local[2]."""
+"""score.py against real files, a real SQLite file, real PostgreSQL and MariaDB servers on loopback, and Spark in local[2]."""
 import glob
 import json
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -122,20 +120,20 @@ def test_jsonl_folder_into_a_csv(checkpoint, tmp_path):
     assert summary(score("--input", folder, "--output", out, "--id-column", "note_id", "--checkpoint", checkpoint))["skipped"] == 30
 
 
-@pytest.mark.parametrize("sink", ["parquet", "sqlite", "postgresql", "csv"])
+@pytest.mark.parametrize("sink", ["parquet", "sqlite", "postgresql", "mariadb", "csv"])
 def test_killed_mid_run_and_started_again_scores_every_row_once(checkpoint, tmp_path, sink, request):
     table = posts(1500)
     source = tmp_path / "posts.parquet"
     table.to_parquet(source)
-    if sink == "postgresql":
-        output = request.getfixturevalue("postgres_url")
+    if sink in ("postgresql", "mariadb"):
+        output = request.getfixturevalue(f"{'postgres' if sink == 'postgresql' else 'mariadb'}_url")
         with sa.create_engine(output).begin() as connection:
             connection.execute(sa.text("drop table if exists scored, scored_bad"))
     else:
         output = {"parquet": tmp_path / "scored", "sqlite": f"sqlite:///{tmp_path / 'out.db'}", "csv": tmp_path / "scored.csv"}[sink]
     args = [sys.executable, str(SCORE), "--input", str(source), "--output", str(output), "--id-column", "note_id",
             "--checkpoint", str(checkpoint), "--chunk-rows", "20", *FP32]
-    if sink in ("sqlite", "postgresql"):
+    if sink in ("sqlite", "postgresql", "mariadb"):
         args += ["--output-table", "scored"]
         database = sa.create_engine(output)
 
@@ -190,42 +188,6 @@ def test_bad_input_is_named(checkpoint, tmp_path):
     assert "being written by another score.py run" in result.stderr
 
 
-def _start_postgres():
-    """A throwaway PostgreSQL server on a free loopback port (as user postgres when run as root)."""
-    initdb = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb")) or [shutil.which("initdb")]
-    if not initdb[-1]:
-        return None, None
-    bin_dir = Path(initdb[-1]).parent
-    folder = Path(tempfile.mkdtemp(prefix="weibo-senti-pg-"))
-    as_user = []
-    if os.geteuid() == 0:
-        shutil.chown(folder, "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(folder / "data"), "-U", "postgres", "--auth=trust"], check=True, capture_output=True)
-    subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(folder / "data"), "-w", "-l", str(folder / "log"), "-o",
-                    f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
-    stop = [*as_user, str(bin_dir / "pg_ctl"), "-D", str(folder / "data"), "-m", "fast", "stop"]
-    return f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres", lambda: (subprocess.run(stop, capture_output=True), shutil.rmtree(folder, True))
-
-
-@pytest.fixture(scope="module")
-def postgres_url():
-    url = os.environ.get("WEIBO_SENTI_TEST_POSTGRES")
-    stop = None
-    if not url:
-        url, stop = _start_postgres()
-    if not url:
-        if os.environ.get("CI"):
-            pytest.fail("no PostgreSQL server: .ci/run installs one (apt-get install postgresql)")
-        pytest.skip("no PostgreSQL server here (apt-get install postgresql)")
-    yield url
-    if stop:
-        stop()
-
-
 def test_postgresql_table_scored_incrementally(checkpoint, postgres_url):
     engine = sa.create_engine(postgres_url)
     table = posts(40)
@@ -263,6 +225,22 @@ def test_spark_engine_scores_a_parquet_folder_like_the_local_engine(checkpoint, 
     # the local engine sees the Spark run's results as already scored: one sink, either engine
     result = score("--input", crawl, "--output", tmp_path / "spark_out", "--id-column", "note_id", "--checkpoint", checkpoint)
     assert summary(result) == {"read": 40, "scored": 0, "skipped": 40, "bad": 0}
+    # an edited post and a post given the text it lacked are scored again, by either engine, and only they
+    edited = table.iloc[30:].copy()
+    edited.loc[32, "content"] = "改了：今天真是太开心了"
+    edited.to_parquet(crawl / "part-2.parquet")
+    assert summary(score(*spark)) == {"read": 40, "scored": 1, "skipped": 39, "bad": 0}
+    first = table.iloc[:30].copy()
+    first.loc[3, "content"] = "补上的内容，好难过"
+    first.to_parquet(crawl / "part-1.parquet")
+    result = score("--input", crawl, "--output", tmp_path / "spark_out", "--id-column", "note_id", "--checkpoint", checkpoint)
+    assert summary(result) == {"read": 40, "scored": 1, "skipped": 39, "bad": 0}
+    assert summary(score(*spark)) == {"read": 40, "scored": 0, "skipped": 40, "bad": 0}
+    latest = pd.read_parquet(tmp_path / "spark_out").sort_values("scored_at").groupby("id").last()
+    classifier = Classifier.load(checkpoint, mixed_precision="no")
+    for note in (33, 4):
+        text = (edited if note == 33 else first).set_index("note_id").loc[note, "content"]
+        assert latest.loc[note, "prob_positive"] == pytest.approx(classifier.predict([text])[0]["prob_positive"], abs=1e-5)
 
 
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
@@ -294,6 +272,12 @@ def test_spark_engine_scores_a_database_table_through_jdbc(checkpoint, tmp_path,
     # the tables are the local engine's: it finds everything already scored
     local = ("--input", url, "--table", "spark_note", "--id-column", "note_id", "--checkpoint", checkpoint)
     assert summary(score(*local)) == {"read": 40, "scored": 0, "skipped": 40, "bad": 0}
+    with engine.begin() as connection:  # a re-crawl edits one post: Spark replaces its result in the table
+        connection.execute(sa.text("update spark_note set content = '改了：今天真是太开心了' where note_id = 12"))
+    assert summary(score(*args)) == {"read": 40, "scored": 1, "skipped": 39, "bad": 0}
+    scored = pd.read_sql_table("spark_note_sentiment", engine).set_index("id")
+    assert len(scored) == 38 and scored.loc[12, "prob_positive"] == pytest.approx(
+        Classifier.load(checkpoint, mixed_precision="no").predict(["改了：今天真是太开心了"])[0]["prob_positive"], abs=1e-5)
     engine.dispose()
 
 
@@ -480,3 +464,59 @@ def test_two_runs_into_one_table_both_finish(checkpoint, tmp_path):
         assert run.returncode == 0, stderr[-2000:]
     scored = pd.read_sql_table("weibo_note_sentiment", sa.create_engine(url))
     assert len(scored) == 198 and scored["id"].is_unique
+
+
+MEDIACRAWLER_WEIBO_NOTE = {  # MediaCrawler's weibo_note, in the columns score.py and its users touch
+    "sqlite": "create table weibo_note (id integer primary key autoincrement, note_id bigint, content text, create_time bigint, "
+              "create_date_time text, last_modify_ts bigint)",
+    "postgresql": "create table weibo_note (id serial primary key, note_id bigint, content text, create_time bigint, "
+                  "create_date_time text, last_modify_ts bigint)",
+    "mariadb": "create table weibo_note (id int not null auto_increment primary key, note_id varchar(64), content longtext, "
+               "create_time bigint, create_date_time varchar(32), last_modify_ts bigint) character set utf8mb4",
+}
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql", "mariadb"])
+def test_mediacrawler_weibo_note_scored_where_created_after_and_edited_posts_rescored_once(checkpoint, tmp_path, database, request):
+    """The docs' MediaCrawler recipe: --where on create_time seconds, BettaFish's async URL, a re-crawl that edits a
+    post, the rerun that scores that post alone, and the join that puts the current sentiment on the posts."""
+    url = {"sqlite": f"sqlite:///{tmp_path / 'media_crawler.db'}", "postgresql": None, "mariadb": None}[database]
+    url = url or request.getfixturevalue("postgres_url" if database == "postgresql" else "mariadb_url")
+    engine = sa.create_engine(url)
+    notes = posts(30, start=4_900_000_000_000_000)  # Weibo-sized note ids
+    notes["create_time"] = 1_795_000_000 + 3600 * notes.index
+    notes["create_date_time"] = "2026-11-18 00:00:00"
+    notes["last_modify_ts"] = notes["create_time"] * 1000
+    with engine.begin() as connection:
+        for name in ("weibo_note_sentiment_bad", "weibo_note_sentiment", "weibo_note"):
+            connection.execute(sa.text(f"drop table if exists {name}"))
+        connection.execute(sa.text(MEDIACRAWLER_WEIBO_NOTE[database]))
+    notes.to_sql("weibo_note", engine, if_exists="append", index=False)
+    since = int(notes["create_time"][10])  # notes 10-29: 20 rows, the NULL and blank ones (3, 7) before it
+    as_bettafish_has_it = url.replace("+psycopg", "+asyncpg").replace("+pymysql", "+aiomysql")
+    args = ("--input", as_bettafish_has_it, "--table", "weibo_note", "--id-column", "note_id", "--text-column", "content",
+            "--where", f"create_time >= {since}", "--checkpoint", checkpoint)
+    first = score(*args)
+    assert summary(first) == {"read": 20, "scored": 20, "skipped": 0, "bad": 0}
+    if database != "sqlite":
+        assert "score.py works synchronously, so it uses" in first.stderr
+
+    edited, old_one = notes["note_id"][12], notes["note_id"][2]  # a re-crawl upserts the content of two notes
+    with engine.begin() as connection:
+        for note in (edited, old_one):
+            connection.execute(sa.text("update weibo_note set content = :text, last_modify_ts = last_modify_ts + 1 where note_id = :id"),
+                               {"text": "改了：今天真是太开心了，谢谢大家", "id": str(note) if database == "mariadb" else int(note)})
+    assert summary(score(*args)) == {"read": 20, "scored": 1, "skipped": 19, "bad": 0}
+    assert summary(score(*args)) == {"read": 20, "scored": 0, "skipped": 20, "bad": 0}
+
+    model = model_name(checkpoint)
+    join = sa.text("select n.note_id, n.content, s.sentiment, s.prob_positive from weibo_note n "
+                   "join weibo_note_sentiment s on s.id = n.note_id and s.model = :model where n.create_time >= :since")
+    with engine.connect() as connection:
+        rows = connection.execute(join, {"model": model, "since": since}).all()
+    engine.dispose()
+    assert len(rows) == 20
+    classifier = Classifier.load(checkpoint, mixed_precision="no")
+    for note_id, content, sentiment, prob_positive in rows:
+        want = classifier.predict([content])[0]
+        assert sentiment == want["sentiment"] and abs(prob_positive - want["prob_positive"]) < 1e-5, (note_id, content)

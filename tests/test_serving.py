@@ -9,7 +9,8 @@ import httpx
 import pytest
 
 import tiny
-from conftest import Server, free_port, run_script, train
+from conftest import Server, run_script, train
+from databases import free_port
 from weibo_senti import REPO_ROOT
 from weibo_senti.predict import Classifier
 

@@ -48,12 +48,15 @@ def now():
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+NULL_TEXT = "\x00null"  # what a NULL (or missing) text is digested as, so that a post given a text later differs from it
+
+
 def text_digest(text):
-    """The first DIGEST_CHARS hex digits of the SHA-256 of the text's UTF-8 (Spark's sha2 gives the same); None for
-    what is not text."""
-    if not isinstance(text, str):
-        return None
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:DIGEST_CHARS]
+    """The first DIGEST_CHARS hex digits of the SHA-256 of the text's UTF-8 (Spark's sha2 gives the same), a value
+    that is not text taken as its string, NULL as NULL_TEXT. A NULL digest in an output is a row from before digests."""
+    if text is None or (isinstance(text, float) and pd.isna(text)):
+        text = NULL_TEXT
+    return hashlib.sha256(str(text).encode("utf-8", "surrogatepass")).hexdigest()[:DIGEST_CHARS]
 
 
 def already_done(ids, digests, latest, bad):
@@ -259,9 +262,34 @@ READ_ONLY_SESSION = {
 }
 
 
+# BettaFish and MediaCrawler configure async drivers; score.py reads and writes synchronously, so it takes the same
+# database through the synchronous driver of requirements.txt
+SYNC_DRIVERS = {"asyncpg": "psycopg", "psycopg_async": "psycopg", "aiomysql": "pymysql", "asyncmy": "pymysql", "aiosqlite": "pysqlite"}
+_said = set()
+
+
+def sync_url(url):
+    """A SQLAlchemy URL with an async driver -> the same database through a synchronous one (said once)."""
+    import sqlalchemy as sa
+
+    try:
+        parsed = sa.make_url(url)
+    except sa.exc.ArgumentError as error:
+        raise DataError(f"not a database URL: {url} ({error})") from None
+    driver = parsed.get_driver_name()
+    if driver not in SYNC_DRIVERS or "+" not in parsed.drivername:
+        return url
+    synchronous = parsed.set(drivername=f"{parsed.get_backend_name()}+{SYNC_DRIVERS[driver]}")
+    if parsed.drivername not in _said:
+        _said.add(parsed.drivername)
+        print(f"{parsed.drivername}: score.py works synchronously, so it uses {synchronous.drivername} for this database", file=sys.stderr)
+    return synchronous.render_as_string(hide_password=False)
+
+
 def engine_for(url, read_only=False):
     import sqlalchemy as sa
 
+    url = sync_url(url)
     try:
         engine = sa.create_engine(url)
     except Exception as error:  # unknown dialect, missing driver
@@ -398,14 +426,15 @@ class TableSink:
 
 class _IdsInMemory:
     """For file sinks, which only ever append: what was written for a model, read once (load_digests) and kept up to
-    date by remember(). The last result written for an id is its current one."""
+    date by remember(). The newest result for an id (by scored_at) is its current one."""
 
     def recorded(self, model, ids):
         if model not in self.seen:
             self.seen[model] = ({}, {})
             for frame, is_result in self.load_digests(model):
                 self.remember_frame(model, frame, is_result)
-        return self.seen[model]
+        latest, bad = self.seen[model]
+        return _LatestDigests(latest), bad
 
     def remember(self, frame, is_result):
         for model, rows in frame.groupby("model"):
@@ -413,16 +442,31 @@ class _IdsInMemory:
                 self.remember_frame(model, rows, is_result)
 
     def remember_frame(self, model, frame, is_result):
+        """latest: {id: (scored_at, digest)} of the newest result (parts written by Spark are not named in time order)."""
         latest, bad = self.seen[model]
         digests = frame["text_digest"] if "text_digest" in frame else pd.Series(None, index=frame.index, dtype=object)
-        for identifier, digest in zip(frame["id"], digests):
+        times = frame["scored_at"] if "scored_at" in frame else pd.Series("", index=frame.index, dtype=object)
+        for identifier, digest, when in zip(frame["id"], digests, times):
             if identifier is None or (not isinstance(identifier, str) and pd.isna(identifier)):
                 continue
             digest = None if digest is None or (not isinstance(digest, str) and pd.isna(digest)) or digest == "" else digest
-            if is_result:
-                latest[str(identifier)] = digest
-            else:
+            if not is_result:
                 bad.setdefault(str(identifier), set()).add(digest)
+            elif str(identifier) not in latest or str(when) >= latest[str(identifier)][0]:
+                latest[str(identifier)] = (str(when), digest)
+
+
+class _LatestDigests:
+    """{id: digest} over {id: (time, digest)}, without copying it: already_done() asks `in` and [] of a few ids."""
+
+    def __init__(self, latest):
+        self.latest = latest
+
+    def __contains__(self, key):
+        return key in self.latest
+
+    def __getitem__(self, key):
+        return self.latest[key][1]
 
 
 class ParquetSink(_IdsInMemory):
@@ -444,12 +488,12 @@ class ParquetSink(_IdsInMemory):
             leftover.unlink()
 
     def load_digests(self, model):
-        """(frame of id and text_digest, is_result) per part, oldest first: a part's name begins with its time."""
+        """(frame of id, text_digest and scored_at, is_result) per part."""
         import pyarrow.parquet as pq
 
         for folder, is_result in ((self.bad_folder, False), (self.folder, True)):
             for file in sorted(folder.glob("*.parquet")):  # file by file: older outputs may mix id types
-                columns = ["id", "text_digest"] if "text_digest" in pq.read_schema(file).names else ["id"]
+                columns = [c for c in ("id", "text_digest", "scored_at") if c in pq.read_schema(file).names]
                 table = pq.read_table(file, columns=columns, filters=[("model", "==", model)])
                 yield pd.DataFrame({name: pd.Series(table.column(name).to_pylist(), dtype=object) for name in columns}), is_result
 
@@ -524,10 +568,11 @@ class CsvSink(_IdsInMemory):
             _drop_unfinished_line(file)
 
     def load_digests(self, model):
-        """(frame of id and text_digest, is_result) in the order written."""
+        """(frame of id, text_digest and scored_at, is_result)."""
         for file, is_result in ((self.bad_path, False), (self.path, True)):
             if file.is_file() and file.stat().st_size:
-                for frame in pd.read_csv(file, usecols=["id", "model", "text_digest"], dtype=str, keep_default_na=False, chunksize=100_000):
+                columns = ["id", "model", "text_digest", "scored_at" if is_result else "seen_at"]
+                for frame in pd.read_csv(file, usecols=columns, dtype=str, keep_default_na=False, chunksize=100_000):
                     yield frame[frame["model"] == model], is_result
 
     def write(self, results, bad):
@@ -859,7 +904,8 @@ def score_spark(cfg, checkpoint, model):
     read = frame.count()
     if not isinstance(frame.schema["text"].dataType, T.StringType):
         frame = frame.withColumn("text", F.col("text").cast("string"))
-    frame = frame.withColumn("text_digest", F.substring(F.sha2(F.col("text"), 256), 1, DIGEST_CHARS))  # = text_digest()
+    frame = frame.withColumn(  # = text_digest()
+        "text_digest", F.substring(F.sha2(F.coalesce(F.col("text"), F.lit(NULL_TEXT)), 256), 1, DIGEST_CHARS))
     results_done, bad_done = recorded_spark(spark, sink, output, model, read_jdbc)
     if results_done is not None or bad_done is not None:
         # skip a row whose text is the one last scored for its id, or one already found bad (a NULL digest: written
