@@ -1,5 +1,6 @@
 """Where a classifier goes wrong once the emoticon tags are removed: accuracy by the length of the text left, how sure
-it is when wrong, and its surest mistakes, on train.py's validation split. The labels of weibo_senti_100k were made
+it is when wrong, what a confidence threshold keeps (BettaFish's min_confidence) and how right that is, the expected
+calibration error, and its surest mistakes, on train.py's validation split. The labels of weibo_senti_100k were made
 from the tags, so a text whose words say one thing and whose tag says the other counts as an error here.
 python bench/no_tag_errors.py                                   # the default classifier
 python bench/no_tag_errors.py --checkpoint models/classifiers/bert_lora
@@ -24,11 +25,21 @@ SEED = 42  # as in train.py
 LENGTH_BINS = "0,1,5,10,20,40,80"  # lower edges, in characters of the text left without tags
 SURE = 0.9  # an error is "sure" when the wrong class gets at least this probability
 SHOWN = 20  # the surest errors listed in the report
+MIN_CONFIDENCES = "0.5,0.6,0.7,0.8,0.9,0.95"  # thresholds on the confidence (the probability of the label given)
+CALIBRATION_BINS = 10  # equal-width confidence bins of the expected calibration error
 OUT = Path("results/no_tag_errors")  # .json and .md are written
 
 
 def _length_bin(low, high):
     return f"{low}+" if high is None else str(low) if high == low + 1 else f"{low}-{high - 1}"
+
+
+def expected_calibration_error(confidence, right, bins):
+    """How far the stated confidence is from the accuracy it claims: the mean gap over equal-width bins, by their size."""
+    edges = np.linspace(0.5, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    return float(sum(abs(confidence[which == b].mean() - right[which == b].mean()) * (which == b).mean()
+                     for b in range(bins) if (which == b).any()))
 
 
 def main(cfg):
@@ -50,6 +61,12 @@ def main(cfg):
         if inside.any():
             by_length.append({"characters": _length_bin(low, high), "texts": int(inside.sum()),
                               "accuracy": round(float(right[inside].mean()), 4)})
+    confidence = np.maximum(positive, 1 - positive)
+    by_min_confidence = []
+    for threshold in (float(t) for t in cfg.min_confidences.split(",")):
+        kept = confidence >= threshold
+        by_min_confidence.append({"min_confidence": threshold, "share_kept": round(float(kept.mean()), 4),
+                                  "accuracy_of_kept": round(float(right[kept].mean()), 4) if kept.any() else None})
     surest = np.argsort(-np.where(right, -1.0, wrong_class_probability))[: min(cfg.shown, int((~right).sum()))]
     examples = [{"label": int(labels[i]), "p_positive": round(float(positive[i]), 3), "text": val["review"][i]} for i in surest]
     result = {
@@ -60,6 +77,9 @@ def main(cfg):
         "errors": int((~right).sum()),
         f"errors_with_wrong_class_p_at_least_{cfg.sure}": sure_errors,
         "accuracy_by_length_without_tags": by_length,
+        "by_min_confidence_without_tags": by_min_confidence,
+        "mean_confidence_without_tags": round(float(confidence.mean()), 4),
+        "expected_calibration_error_without_tags": round(expected_calibration_error(confidence, right, cfg.calibration_bins), 4),
         "surest_errors": examples,
     }
     write_json_atomic(cfg.out.with_suffix(".json"), result)
@@ -67,12 +87,16 @@ def main(cfg):
              f"Accuracy {result['accuracy_no_tags']:.4f}; {result['errors']:,} errors, {sure_errors:,} of them with "
              f"P(wrong class) ≥ {cfg.sure}.", "", "| characters left | texts | accuracy |", "|---|---:|---:|"]
     lines += [f"| {row['characters']} | {row['texts']:,} | {row['accuracy']:.3f} |" for row in by_length]
+    lines += ["", f"Mean confidence {result['mean_confidence_without_tags']:.4f} at accuracy {result['accuracy_no_tags']:.4f}; "
+              f"expected calibration error {result['expected_calibration_error_without_tags']:.4f} ({cfg.calibration_bins} bins).", "",
+              "| min_confidence | texts kept | accuracy of those kept |", "|---:|---:|---:|"]
+    lines += [f"| {row['min_confidence']:g} | {row['share_kept']:.1%} | {'-' if row['accuracy_of_kept'] is None else format(row['accuracy_of_kept'], '.3f')} |" for row in by_min_confidence]
     lines += ["", "Surest errors (the text as in the dataset, tags included; the model saw it without them):", "",
               "| label | P(positive) | text |", "|---:|---:|---|"]
     lines += [f"| {e['label']} | {e['p_positive']:.3f} | {e['text'][:120].replace('|', '¦').replace(chr(10), ' ')} |" for e in examples]
     with atomic_file(cfg.out.with_suffix(".md")) as handle:
         handle.write("\n".join(lines) + "\n")
-    print("\n".join(lines[:len(by_length) + 6]))
+    print("\n".join(lines[:len(by_length) + len(by_min_confidence) + 11]))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
 import json
+import sys
+
+import pytest
 
 from conftest import run_script
 from weibo_senti import REPO_ROOT
@@ -46,3 +49,18 @@ def test_no_tag_errors_reports_accuracy_by_length_and_the_surest_errors(trained,
     assert len(report["surest_errors"]) == min(5, report["errors"])
     assert all((e["p_positive"] >= 0.5) != (e["label"] == 1) for e in report["surest_errors"])
     assert "| characters left | texts | accuracy |" in out.with_suffix(".md").read_text(encoding="utf-8")
+    thresholds = report["by_min_confidence_without_tags"]
+    assert thresholds[0] == {"min_confidence": 0.5, "share_kept": 1.0, "accuracy_of_kept": report["accuracy_no_tags"]}
+    assert [row["share_kept"] for row in thresholds] == sorted((row["share_kept"] for row in thresholds), reverse=True)
+    assert 0 <= report["expected_calibration_error_without_tags"] <= 0.5
+
+
+def test_expected_calibration_error_is_the_gap_between_confidence_and_accuracy():
+    import numpy as np
+
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    from no_tag_errors import expected_calibration_error
+
+    right = np.array([True] * 9 + [False])
+    assert expected_calibration_error(np.full(10, 0.9), right, 10) == pytest.approx(0.0)  # says 0.9, right 9 of 10
+    assert expected_calibration_error(np.full(10, 0.99), right, 10) == pytest.approx(0.09)  # overstates by 0.09
