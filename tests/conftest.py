@@ -125,32 +125,25 @@ class Server:
         return self.process.wait(timeout=60)
 
 
-def _database_server(start, name, package):
+def _database(variable, start, name, package):
+    """A database for the session: the URL in $variable, or a throwaway server started for it (tests/databases.py)."""
+    if os.environ.get(variable):
+        yield os.environ[variable]
+        return
     url, stop = start()
     if not url:
         if os.environ.get("CI"):
             pytest.fail(f"no {name} server: .ci/run installs one (apt-get install {package})")
         pytest.skip(f"no {name} server here (apt-get install {package})")
-    return url, stop
+    yield url
+    stop()
 
 
 @pytest.fixture(scope="session")
 def postgres_url():
-    """A PostgreSQL database: WEIBO_SENTI_TEST_POSTGRES, or a throwaway server started for the session."""
-    if os.environ.get("WEIBO_SENTI_TEST_POSTGRES"):
-        yield os.environ["WEIBO_SENTI_TEST_POSTGRES"]
-        return
-    url, stop = _database_server(databases.start_postgres, "PostgreSQL", "postgresql")
-    yield url
-    stop()
+    yield from _database("WEIBO_SENTI_TEST_POSTGRES", databases.start_postgres, "PostgreSQL", "postgresql")
 
 
 @pytest.fixture(scope="session")
 def mariadb_url():
-    """A MariaDB (MySQL) database: WEIBO_SENTI_TEST_MYSQL, or a throwaway server started for the session."""
-    if os.environ.get("WEIBO_SENTI_TEST_MYSQL"):
-        yield os.environ["WEIBO_SENTI_TEST_MYSQL"]
-        return
-    url, stop = _database_server(databases.start_mariadb, "MariaDB", "mariadb-server")
-    yield url
-    stop()
+    yield from _database("WEIBO_SENTI_TEST_MYSQL", databases.start_mariadb, "MariaDB", "mariadb-server")
