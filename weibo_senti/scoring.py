@@ -430,11 +430,11 @@ class _IdsInMemory:
 
     def recorded(self, model, ids):
         if model not in self.seen:
-            self.seen[model] = ({}, {})
+            self.seen[model] = ({}, {}, {})
             for frame, is_result in self.load_digests(model):
                 self.remember_frame(model, frame, is_result)
-        latest, bad = self.seen[model]
-        return _LatestDigests(latest), bad
+        latest, bad, _ = self.seen[model]
+        return latest, bad
 
     def remember(self, frame, is_result):
         for model, rows in frame.groupby("model"):
@@ -442,8 +442,8 @@ class _IdsInMemory:
                 self.remember_frame(model, rows, is_result)
 
     def remember_frame(self, model, frame, is_result):
-        """latest: {id: (scored_at, digest)} of the newest result (parts written by Spark are not named in time order)."""
-        latest, bad = self.seen[model]
+        """latest: {id: digest} of the newest result by scored_at, kept in times (Spark's parts are not named in time order)."""
+        latest, bad, times_seen = self.seen[model]
         digests = frame["text_digest"] if "text_digest" in frame else pd.Series(None, index=frame.index, dtype=object)
         times = frame["scored_at"] if "scored_at" in frame else pd.Series("", index=frame.index, dtype=object)
         for identifier, digest, when in zip(frame["id"], digests, times):
@@ -452,21 +452,9 @@ class _IdsInMemory:
             digest = None if digest is None or (not isinstance(digest, str) and pd.isna(digest)) or digest == "" else digest
             if not is_result:
                 bad.setdefault(str(identifier), set()).add(digest)
-            elif str(identifier) not in latest or str(when) >= latest[str(identifier)][0]:
-                latest[str(identifier)] = (sys.intern(str(when)), digest)  # one time per chunk: interned, it is stored once
-
-
-class _LatestDigests:
-    """{id: digest} over {id: (time, digest)}, without copying it: already_done() asks `in` and [] of a few ids."""
-
-    def __init__(self, latest):
-        self.latest = latest
-
-    def __contains__(self, key):
-        return key in self.latest
-
-    def __getitem__(self, key):
-        return self.latest[key][1]
+            elif str(when) >= times_seen.get(str(identifier), ""):
+                latest[str(identifier)] = digest
+                times_seen[str(identifier)] = sys.intern(str(when))  # one time per chunk: interned, it is stored once
 
 
 class ParquetSink(_IdsInMemory):
@@ -568,10 +556,10 @@ class CsvSink(_IdsInMemory):
             _drop_unfinished_line(file)
 
     def load_digests(self, model):
-        """(frame of id, text_digest and scored_at, is_result)."""
+        """(frame of id, text_digest and, for results, scored_at; is_result)."""
         for file, is_result in ((self.bad_path, False), (self.path, True)):
             if file.is_file() and file.stat().st_size:
-                columns = ["id", "model", "text_digest", "scored_at" if is_result else "seen_at"]
+                columns = ["id", "model", "text_digest", *(["scored_at"] if is_result else [])]
                 for frame in pd.read_csv(file, usecols=columns, dtype=str, keep_default_na=False, chunksize=100_000):
                     yield frame[frame["model"] == model], is_result
 
@@ -906,12 +894,10 @@ def score_spark(cfg, checkpoint, model):
         frame = frame.withColumn("text", F.col("text").cast("string"))
     frame = frame.withColumn(  # = text_digest()
         "text_digest", F.substring(F.sha2(F.coalesce(F.col("text"), F.lit(NULL_TEXT)), 256), 1, DIGEST_CHARS))
-    results_done, bad_done = recorded_spark(spark, sink, output, model, read_jdbc)
-    if results_done is not None or bad_done is not None:
+    recorded = recorded_spark(spark, sink, output, model, read_jdbc)
+    if recorded is not None:
         # skip a row whose text is the one last scored for its id, or one already found bad (a NULL digest: written
         # before digests were kept, taken as the same text)
-        recorded = [d for d in (results_done, bad_done) if d is not None]
-        recorded = recorded[0] if len(recorded) == 1 else recorded[0].unionByName(recorded[1])
         recorded = recorded.withColumn("id", F.col("id").cast(frame.schema["id"].dataType))
         skip = (frame.select("id", "text_digest").join(recorded, on="id")
                 .where(F.col("recorded_digest").isNull() | (F.col("recorded_digest") == F.col("text_digest"))).select("id"))
@@ -938,8 +924,9 @@ def score_spark(cfg, checkpoint, model):
     counts = {"read": read, "scored": good.count(), "bad": bad.count()}
     counts["skipped"] = read - counts["scored"] - counts["bad"]
     if sink is not None:
-        if results_done is not None:  # rows whose text changed: JDBC only appends, so their old results go first
-            sink.delete_results(model, [row.id for row in good.select("id").join(results_done.select("id"), "id", "left_semi").collect()])
+        # rows whose text changed: JDBC only appends, so their old results go first
+        replaced = good.select("id").join(recorded.where(F.col("is_result")).select("id"), "id", "left_semi").collect()
+        sink.delete_results(model, [row.id for row in replaced])
         # SQLite takes one writer at a time: one partition writes it
         writers = {"numPartitions": "1"} if sink.engine.dialect.name == "sqlite" else {}
         for rows, table in ((bad, sink.bad.name), (good, sink.table.name)):
@@ -952,31 +939,33 @@ def score_spark(cfg, checkpoint, model):
 
 
 def recorded_spark(spark, sink, output, model, read_jdbc):
-    """What the output holds for this model, as two DataFrames of (id, recorded_digest), or None where there is
-    nothing: the digest of each id's last result, and every digest recorded as bad."""
+    """What the output holds for this model: a DataFrame of (id, recorded_digest, is_result), the digest of each id's
+    last result and every digest recorded as bad; None where there is nothing yet."""
+    import functools
+
     import pyspark.sql.functions as F
     import sqlalchemy as sa
     from pyspark.errors import AnalysisException
 
-    if sink is not None:
-        frames = [read_jdbc(output, sql_for(sink.engine, sa.select(table.c.id, table.c.text_digest.label("recorded_digest"))
-                                            .where(table.c.model == model))) for table in (sink.table, sink.bad)]
-        return frames[0], frames[1]
     frames = []
-    for folder, time_column in ((str(output), "scored_at"), (f"{str(output).rstrip('/')}/_bad_rows", "seen_at")):
+    if sink is not None:
+        for table, is_result in ((sink.table, True), (sink.bad, False)):
+            query = sa.select(table.c.id, table.c.text_digest.label("recorded_digest")).where(table.c.model == model)
+            frames.append(read_jdbc(output, sql_for(sink.engine, query)).withColumn("is_result", F.lit(is_result)))
+        return functools.reduce(lambda a, b: a.unionByName(b), frames)
+    for folder, is_result in ((str(output), True), (f"{str(output).rstrip('/')}/_bad_rows", False)):
         try:
             parts = spark.read.option("mergeSchema", "true").parquet(folder).where(F.col("model") == model)
         except AnalysisException:  # no such folder yet, or nothing in it
-            frames.append(None)
             continue
         if "text_digest" not in parts.columns:  # parts written before digests were kept
             parts = parts.withColumn("text_digest", F.lit(None).cast("string"))
-        if time_column == "scored_at":  # a file output keeps every result: an id's last one is current
+        if is_result:  # a file output keeps every result: an id's last one is current
             parts = parts.groupBy("id").agg(F.max_by("text_digest", "scored_at").alias("recorded_digest"))
         else:
             parts = parts.select("id", F.col("text_digest").alias("recorded_digest"))
-        frames.append(parts)
-    return frames[0], frames[1]
+        frames.append(parts.withColumn("is_result", F.lit(is_result)))
+    return functools.reduce(lambda a, b: a.unionByName(b), frames) if frames else None
 
 
 def read_files_spark(spark, cfg):

@@ -525,8 +525,8 @@ def create_app(checkpoints, limits=None, mixed_precision="auto", load=load_model
             raise ServiceError(404, "unknown_model", f"no model named {name!r}; served: {', '.join(models)}")
         texts, problems = texts_of(body, limits)
         good = [i for i in range(len(texts)) if i not in problems]
-        results = [{"error": problems.get(i)} for i in range(len(texts))]  # the scored ones are filled in below
-        for i, result in zip(good, await pool.results(models[name], [texts[i] for i in good]) if good else []):
+        results = [{"error": problems[i]} if i in problems else None for i in range(len(texts))]  # None: filled in below
+        for i, result in zip(good, await pool.results(models[name], [texts[i] for i in good])):
             if isinstance(result, ServiceError):
                 if not body.per_text_errors:
                     raise result
