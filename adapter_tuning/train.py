@@ -22,6 +22,10 @@ GROUP_BY_LENGTH = True  # batch texts of similar length together: less padding, 
 EMOTICON_DROP = 0.0  # probability that a training text is shown without its [...] emoticon tags (0 = off)
 MIXED_PRECISION = "auto"  # auto (bf16 where the CPU or GPU computes it natively, else fp32), no, bf16 or fp16 (CUDA only)
 ADAPTER_SIZE = 64  # bottleneck width of each adapter
+BASE_LAYERS = 0  # keep only the base's first N transformer layers (0 = all): a smaller, faster student (DistilBERT's recipe)
+TEACHER = ""  # a trained checkpoint to distil from: the loss adds a KL term to its softened probabilities ("" = off)
+DISTILL_WEIGHT = 0.5  # with TEACHER: share of the loss that is the KL term to the teacher (the rest: cross-entropy on the labels)
+DISTILL_TEMPERATURE = 2.0  # with TEACHER: temperature that softens both models' probabilities in the KL term
 VAL_FRACTION = 0.1  # share of rows held out for validation (stratified)
 SEED = 42  # split, initialisation and batch order
 MAX_SAMPLES = 0  # use a stratified subset of this many rows (0 = all), for quick runs

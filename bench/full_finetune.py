@@ -22,6 +22,10 @@ MAX_LENGTH = 128  # tokens per text, longer texts are cut
 GROUP_BY_LENGTH = True  # batch texts of similar length together: less padding, about 2x faster epochs (--no-group-by-length: off)
 EMOTICON_DROP = 0.5  # probability that a training text is shown without its [...] emoticon tags (0 = off)
 MIXED_PRECISION = "auto"  # auto (bf16 where the CPU or GPU computes it natively, else fp32), no, bf16 or fp16 (CUDA only)
+BASE_LAYERS = 0  # keep only the base's first N transformer layers (0 = all): a smaller, faster student (DistilBERT's recipe)
+TEACHER = ""  # a trained checkpoint to distil from: the loss adds a KL term to its softened probabilities ("" = off)
+DISTILL_WEIGHT = 0.5  # with TEACHER: share of the loss that is the KL term to the teacher (the rest: cross-entropy on the labels)
+DISTILL_TEMPERATURE = 2.0  # with TEACHER: temperature that softens both models' probabilities in the KL term
 VAL_FRACTION = 0.1  # share of rows held out for validation (stratified)
 SEED = 42  # split, initialisation and batch order
 MAX_SAMPLES = 0  # use a stratified subset of this many rows (0 = all), for quick runs
@@ -34,7 +38,8 @@ def settings(cfg):
 
 
 def build(base_path, tokenizer, settings, weights_from=None):
-    model, _ = load_base_classifier(weights_from or base_path, tokenizer)
+    # a saved checkpoint's config already holds its number of layers
+    model, _ = load_base_classifier(weights_from or base_path, tokenizer, 0 if weights_from else settings.get("base_layers", 0))
     return model  # every parameter trains
 
 

@@ -25,6 +25,10 @@ LORA_R = 8  # rank of the LoRA update
 LORA_ALPHA = 32  # LoRA scaling: the update is multiplied by alpha / r
 LORA_DROPOUT = 0.1  # dropout on the LoRA input
 TARGET_MODULES = "c_attn,c_proj"  # comma-separated module names; c_proj matches the attention and the MLP output projections
+BASE_LAYERS = 0  # keep only the base's first N transformer layers (0 = all): a smaller, faster student (DistilBERT's recipe)
+TEACHER = ""  # a trained checkpoint to distil from: the loss adds a KL term to its softened probabilities ("" = off)
+DISTILL_WEIGHT = 0.5  # with TEACHER: share of the loss that is the KL term to the teacher (the rest: cross-entropy on the labels)
+DISTILL_TEMPERATURE = 2.0  # with TEACHER: temperature that softens both models' probabilities in the KL term
 VAL_FRACTION = 0.1  # share of rows held out for validation (stratified)
 SEED = 42  # split, initialisation and batch order
 MAX_SAMPLES = 0  # use a stratified subset of this many rows (0 = all), for quick runs

@@ -1,4 +1,5 @@
 import json
+import math
 import re
 
 import pytest
@@ -169,3 +170,34 @@ def test_resume_from_a_last_checkpoint_without_its_run_record_is_named(tiny_mode
     info_path.write_text(json.dumps(info))
     with pytest.raises(UserError, match="has no record of its run"):
         train("adapter_tuning", tiny_models["gpt2"], weibo_csv, tmp_path, "--epochs", "2", "--max-samples", "100", "--resume")
+
+
+@pytest.mark.parametrize("method, teacher_method", [("bert_lora", "lora"), ("lora", "adapter_tuning")])
+def test_a_student_cut_to_its_first_layer_learns_from_a_teacher_and_reloads(trained, tiny_models, weibo_csv, tmp_path, capsys, method, teacher_method):
+    from conftest import BASE_FAMILY
+    from weibo_senti.predict import Classifier
+
+    teacher = trained(teacher_method)[0] / "best"
+    base = tiny_models[BASE_FAMILY[method]]
+    log = train(method, base, weibo_csv, tmp_path, "--epochs", "3", "--base-layers", "1", "--teacher", str(teacher))
+    assert f"teacher: {teacher}" in capsys.readouterr().out
+    assert log[-1]["train_loss"] < log[0]["train_loss"] and all(math.isfinite(entry["train_loss"]) for entry in log)
+    info = json.loads((tmp_path / "best" / "checkpoint.json").read_text(encoding="utf-8"))
+    assert info["method_settings"]["base_layers"] == 1 and info["run"]["teacher"] == str(teacher)
+    student = Classifier.load(tmp_path / "best")
+    assert student.model.config.num_hidden_layers == 1
+    assert student.predict(["今天好开心"])[0]["label"] in (0, 1)
+    with pytest.raises(UserError, match="teacher: .* -> None"):  # a resumed run keeps its teacher
+        train(method, base, weibo_csv, tmp_path, "--epochs", "4", "--base-layers", "1", "--resume")
+
+
+def test_a_student_cannot_keep_more_layers_than_its_base_has(tiny_models, weibo_csv, tmp_path):
+    with pytest.raises(UserError, match="--base-layers 5 .*out of range, .* has 2 layers"):
+        train("lora", tiny_models["gpt2"], weibo_csv, tmp_path, "--base-layers", "5")
+
+
+def test_the_distillation_loss_is_cross_entropy_at_weight_0_and_zero_when_the_student_is_the_teacher():
+    logits, labels = torch.tensor([[2.0, -1.0], [0.5, 0.3]]), torch.tensor([0, 1])
+    cross_entropy = torch.nn.functional.cross_entropy(logits, labels)
+    assert torch.isclose(training.distillation_loss(logits, logits + 5, labels, 0.0, 2.0), cross_entropy)
+    assert torch.isclose(training.distillation_loss(logits, logits, labels, 1.0, 2.0), torch.tensor(0.0), atol=1e-6)

@@ -39,7 +39,7 @@ def check(model, settings):
 
 
 def build(base_path, tokenizer, settings, weights_from=None):
-    base, not_in_base = load_base_classifier(base_path, tokenizer)
+    base, not_in_base = load_base_classifier(base_path, tokenizer, settings.get("base_layers", 0))
     if weights_from is not None:
         require_files(weights_from, "adapter_config.json", "adapter_model.safetensors")  # PEFT's names
         with quiet_loading():
@@ -48,7 +48,7 @@ def build(base_path, tokenizer, settings, weights_from=None):
         task_type=TaskType.SEQ_CLS,
         fan_in_fan_out=base.config.model_type == "gpt2",  # GPT-2's c_attn / c_proj are Conv1D (weights stored transposed)
         modules_to_save=[*HEAD_MODULES, *not_in_base],
-        **settings,
+        **{key: value for key, value in settings.items() if key != "base_layers"},
     )
     with quiet_loading():
         return get_peft_model(base, config)

@@ -175,10 +175,12 @@ def quiet_loading():
             hf_logging.enable_progress_bar()
 
 
-def load_base_classifier(base_path, tokenizer):
+def load_base_classifier(base_path, tokenizer, layers=0):
     """The base model with a fresh two-class head, in float32, and the names of the modules whose weights the base
     checkpoint lacks besides the head (BERT's pooler when the base was saved as BertForMaskedLM). Those start random
-    at every load, so the methods train and save them with the head; otherwise a reload would not match."""
+    at every load, so the methods train and save them with the head; otherwise a reload would not match.
+    layers: keep only the base's first `layers` transformer layers (0: all), a smaller student (DistilBERT's recipe)."""
+    options = {"num_hidden_layers": layers} if layers else {}
     with quiet_loading():
         model, loading = AutoModelForSequenceClassification.from_pretrained(
             base_path,
@@ -188,6 +190,7 @@ def load_base_classifier(base_path, tokenizer):
             pad_token_id=tokenizer.pad_token_id,
             dtype=torch.float32,  # transformers 5 would keep a half-precision checkpoint in half precision
             output_loading_info=True,
+            **options,
         )
     # PEFT records these as the base (adapter_config.json, README.md): inside the repository, relative, so any clone finds it
     model.name_or_path = model.config.name_or_path = repo_relative(base_path)

@@ -47,6 +47,8 @@ RUN_IDENTITY = (
     "data", "model", "seed", "val_fraction", "max_samples", "batch_size", "max_length", "lr", "warmup_ratio", "epochs", "emoticon_drop",
     "group_by_length",
 )
+# the same, recorded only when set, so that the runs of earlier versions, which had none of them, still resume
+DISTILLATION_IDENTITY = ("teacher", "distill_weight", "distill_temperature")
 
 
 def count_parameters(model):
@@ -76,7 +78,36 @@ def evaluate(model, loader, accelerator):
 
 def _run_identity(cfg):
     # a path inside the repository is recorded relative to it, so the record names no folder of this machine
-    return {key: repo_relative(value) if isinstance(value := getattr(cfg, key), Path) else str(value) for key in RUN_IDENTITY}
+    keys = [*RUN_IDENTITY, *(DISTILLATION_IDENTITY if getattr(cfg, "teacher", "") else ())]
+    return {key: repo_relative(value) if isinstance(value := getattr(cfg, key), Path) else str(value) for key in keys}
+
+
+def method_settings(cfg, method):
+    """The method's own settings, and base_layers when the base is cut to its first layers (a student)."""
+    layers = getattr(cfg, "base_layers", 0)
+    return {**method.settings(cfg), **({"base_layers": layers} if layers else {})}
+
+
+def load_teacher(cfg, device):
+    """The classifier whose softened probabilities a student learns besides the labels (--teacher), or None."""
+    if not getattr(cfg, "teacher", ""):
+        return None
+    from .predict import Classifier  # any checkpoint or classifier folder predict.py reads; LoRA merged, for speed
+
+    teacher = Classifier.load(cfg.teacher, mixed_precision="no")
+    teacher.model.to(device).requires_grad_(False)
+    return teacher
+
+
+def distillation_loss(student_logits, teacher_logits, labels, weight, temperature):
+    """(1 - weight) * cross-entropy on the labels + weight * T^2 * KL(teacher || student) at temperature T (Hinton et al.,
+    2015; T^2 keeps the gradient's scale as T changes)."""
+    hard = F.cross_entropy(student_logits.float(), labels)
+    soft = F.kl_div(
+        F.log_softmax(student_logits.float() / temperature, dim=-1), F.log_softmax(teacher_logits.float() / temperature, dim=-1),
+        reduction="batchmean", log_target=True,
+    )
+    return (1 - weight) * hard + weight * temperature**2 * soft
 
 
 def _resume_state(cfg, last_dir, method_name, settings):
@@ -89,7 +120,8 @@ def _resume_state(cfg, last_dir, method_name, settings):
                               "checked against these settings. Start again with --overwrite.")
     recorded = {**info["run"], "method": info["method"], "method_settings": info["method_settings"]}
     current = {**_run_identity(cfg), "method": method_name, "method_settings": settings}
-    changed = [f"{key}: {recorded.get(key)} -> {current[key]}" for key in current if recorded.get(key) != current[key]]
+    keys = [*current, *(key for key in DISTILLATION_IDENTITY if key in recorded and key not in current)]
+    changed = [f"{key}: {recorded.get(key)} -> {current.get(key)}" for key in keys if recorded.get(key) != current.get(key)]
     if changed:
         raise UserError(f"--resume: these settings differ from the run in {last_dir}: " + "; ".join(changed))
     try:
@@ -135,6 +167,9 @@ SETTING_RANGES = {
     "val_fraction": (lambda v: 0 < v < 1, "between 0 and 1, both excluded"),
     "max_samples": (lambda v: v >= 0, "an integer >= 0 (0: all rows)"),
     "emoticon_drop": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+    "base_layers": (lambda v: v >= 0, "an integer >= 0 (0: all of the base's layers)"),
+    "distill_weight": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+    "distill_temperature": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
     "adapter_size": (lambda v: v >= 1, "an integer >= 1"),
     "lora_r": (lambda v: v >= 1, "an integer >= 1"),
     "lora_alpha": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
@@ -150,6 +185,11 @@ def check_against_model(cfg, base_path, method, settings):
     """What depends on the base: positions for --max-length, and what the method needs of the model (its blocks,
     its target modules), checked on a skeleton of the model with no weights, before any data is read."""
     config = AutoConfig.from_pretrained(base_path, num_labels=len(LABEL_NAMES))
+    layers = settings.get("base_layers", 0)
+    if layers > config.num_hidden_layers:
+        raise UserError(f"--base-layers {layers} (BASE_LAYERS): out of range, {base_path.name} has {config.num_hidden_layers} layers")
+    if layers:
+        config.num_hidden_layers = layers
     positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     if positions and cfg.max_length > positions:
         raise UserError(f"--max-length {cfg.max_length} (MAX_LENGTH): out of range, {base_path.name} has {positions} positions, so at most {positions}")
@@ -218,7 +258,7 @@ def _run(cfg, method_name, accelerator, why):
     base_path = resolve_model(cfg.model, fallback=mini_model)
     note = apply_base_defaults(cfg, base_path, method_name)
     check_settings(cfg)
-    settings = method.settings(cfg)
+    settings = method_settings(cfg, method)
     check_against_model(cfg, base_path, method, settings)
     # record the base actually used: a stand-in for the hub model (the embedded mini model, the e5 import) by its
     # place in the repository, so that a checkpoint never claims a base it was not trained on, and is found anywhere
@@ -233,6 +273,10 @@ def _run(cfg, method_name, accelerator, why):
     if note:
         say(note)
     tokenizer = load_tokenizer(base_path)
+    teacher = load_teacher(cfg, accelerator.device)
+    if teacher is not None:
+        say(f"teacher: {teacher.source}; loss: {1 - cfg.distill_weight:g} x cross-entropy + {cfg.distill_weight:g} x KL to its "
+            f"probabilities at temperature {cfg.distill_temperature:g}")
     set_seed(cfg.seed)
     try:
         model = method.build(base_path, tokenizer, settings, weights_from=resume_dir)
@@ -249,8 +293,10 @@ def _run(cfg, method_name, accelerator, why):
     if hasattr(method, "describe"):
         say(method.describe(model))
 
-    collate = make_collate(tokenizer.pad_token_id, PAD_TO_MULTIPLE_OF[accelerator.mixed_precision])
-    train_set = EncodedTexts(train_rows["review"], train_rows["label"], tokenizer, cfg.max_length, cfg.emoticon_drop)
+    collate = make_collate(tokenizer.pad_token_id, PAD_TO_MULTIPLE_OF[accelerator.mixed_precision], teacher and teacher.tokenizer.pad_token_id)
+    train_set = EncodedTexts(
+        train_rows["review"], train_rows["label"], tokenizer, cfg.max_length, cfg.emoticon_drop, teacher and teacher.tokenizer
+    )
     if cfg.group_by_length:
         batches = LengthGroupedBatches([len(ids) for ids in train_set.input_ids], cfg.batch_size)
         train_loader = DataLoader(train_set, batch_sampler=batches, collate_fn=collate)
@@ -303,7 +349,13 @@ def _run(cfg, method_name, accelerator, why):
         started, loss_sum, steps = time.perf_counter(), 0.0, 0
         progress = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not accelerator.is_local_main_process)
         for batch in progress:
-            loss = model(**batch).loss
+            if teacher is None:
+                loss = model(**batch).loss
+            else:
+                with torch.no_grad(), accelerator.autocast():
+                    teacher_logits = teacher.model(input_ids=batch.pop("teacher_input_ids"), attention_mask=batch.pop("teacher_attention_mask")).logits
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss = distillation_loss(logits, teacher_logits, batch["labels"], cfg.distill_weight, cfg.distill_temperature)
             if not torch.isfinite(loss):
                 raise UserError(
                     f"epoch {epoch + 1}, step {steps + 1}: the training loss is {loss.item()}, so the run stopped; nothing of this "
