@@ -26,17 +26,18 @@ EXTRA = ""  # comma-separated extra label,review CSV files, each reported on its
 BATCH_SIZE = 64  # texts per batch for the batched measurements
 SINGLE_TEXTS = 50  # texts predicted one at a time for the ms-per-text figure
 MIXED_PRECISION = "auto"  # of prediction: auto (bf16 where the CPU or GPU computes it natively, else fp32), no, bf16, fp16
+BACKEND = "auto"  # torch, onnx (ONNX Runtime fp32), onnx-int8, or auto: PyTorch on a GPU or a bf16 CPU, else ONNX Runtime (int8 only if it keeps fp32's labels)
 RESULTS_DIR = Path("results")  # where comparison.md and comparison.png go
 
 
-def measure(checkpoint, text_sets, batch_size, single_texts, mixed_precision):
+def measure(checkpoint, text_sets, batch_size, single_texts, runtime):
     """Runs in a child process, so that its peak memory is this model's alone."""
     import torch
 
     from weibo_senti.data import detailed_scores
     from weibo_senti.predict import Classifier
 
-    classifier = Classifier.load(checkpoint, mixed_precision=mixed_precision)
+    classifier = Classifier.load(checkpoint, **runtime)
     first = next(iter(text_sets.values()))
     classifier.probabilities(first["texts"][:batch_size], batch_size)  # warm-up
     result = {"scores": {}}
@@ -55,6 +56,7 @@ def measure(checkpoint, text_sets, batch_size, single_texts, mixed_precision):
     result["ms_per_single_text"] = 1000 * statistics.median(singles)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["precision"] = classifier.precision
+    result["runs_as"] = classifier.runs_as
     if torch.cuda.is_available():
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return result
@@ -168,7 +170,7 @@ def write_markdown(rows, text_sets, cfg, command, path):
     lines += [
         "",
         "Checkpoint: the trained weights only (`*.safetensors`). Train s/epoch: mean over the epochs in `training_log.json`. "
-        f"Prediction ran in {', '.join(sorted({'fp32' if row['precision'] == 'no' else row['precision'] for row in rows}))}. Batched: the whole validation set in length-sorted batches of {cfg.batch_size}. Single: median of {cfg.single_texts} "
+        f"Prediction ran in {', '.join(sorted({row.get('runs_as', 'PyTorch ' + ('fp32' if row['precision'] == 'no' else row['precision'])) for row in rows}))}. Batched: the whole validation set in length-sorted batches of {cfg.batch_size}. Single: median of {cfg.single_texts} "
         "one-text calls. Peak RSS: the measuring process, Python and libraries included.",
     ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -205,6 +207,7 @@ def main(argv=None):
 
     cfg = cli.parse_config(globals(), argv, positional=("checkpoints", "checkpoint folders (default: every */output/best)"))
     from weibo_senti.checkpoint import read_info
+    from weibo_senti.predict import runtime_options
     from weibo_senti.training import SETTING_RANGES
 
     cli.check_ranges(cfg, {**SETTING_RANGES, "single_texts": (lambda v: v >= 1, "an integer >= 1")})
@@ -217,7 +220,7 @@ def main(argv=None):
     for checkpoint in tqdm(checkpoints, desc="evaluating checkpoints"):
         row = checkpoint_facts(checkpoint, cfg)
         with context.Pool(1) as pool:
-            row.update(pool.apply(_measure_in_child, ((checkpoint, text_sets, cfg.batch_size, cfg.single_texts, cfg.mixed_precision),)))
+            row.update(pool.apply(_measure_in_child, ((checkpoint, text_sets, cfg.batch_size, cfg.single_texts, runtime_options(cfg)),)))
         rows.append(row)
         if row["warning"]:
             print(f"warning: {row['warning']}", file=sys.stderr)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from weibo_senti import cli, scoring  # noqa: E402
-from weibo_senti.predict import Classifier, default_checkpoint  # noqa: E402
+from weibo_senti.predict import Classifier, default_checkpoint, runtime_options  # noqa: E402
 from weibo_senti.checkpoint import model_name  # noqa: E402
 
 INPUT = ""  # a .csv / .jsonl / .parquet file, a folder or glob of them, or a SQLAlchemy database URL
@@ -36,6 +36,7 @@ SPARK_JARS = ""  # JDBC driver jars, comma-separated (default: the jar of Debian
 CHUNK_ROWS = 2000  # rows read, scored and written at a time (one transaction or part file each)
 BATCH_SIZE = 64  # texts per model call
 MIXED_PRECISION = "auto"  # auto (bf16 where the CPU or GPU computes it natively, else fp32), no, bf16 or fp16 (CUDA only)
+BACKEND = "auto"  # torch, onnx (ONNX Runtime fp32), onnx-int8, or auto: PyTorch on a GPU or a bf16 CPU, else ONNX Runtime (int8 only if it keeps fp32's labels)
 
 
 def main():
@@ -52,7 +53,8 @@ def main():
     if cfg.engine == "spark":
         counts = scoring.score_spark(cfg, checkpoint, model)
     else:
-        classifier = Classifier.load(checkpoint, mixed_precision=cfg.mixed_precision)
+        classifier = Classifier.load(checkpoint, **runtime_options(cfg))
+        print(classifier.describe_runtime(), file=sys.stderr)
         counts = scoring.score(cfg, classifier, model)
     print(f"model {model}", file=sys.stderr)
     scoring.print_summary(counts, time.perf_counter() - began)

@@ -17,6 +17,7 @@ CHECKPOINT = []  # NAME=PATH of a checkpoint to serve, repeatable; the first is 
 HOST = "127.0.0.1"  # address to listen on (0.0.0.0: every interface)
 PORT = 8000  # port to listen on
 MIXED_PRECISION = "auto"  # auto (bf16 where the CPU or GPU computes it natively, else fp32), no, bf16 or fp16 (CUDA only)
+BACKEND = "auto"  # torch, onnx (ONNX Runtime fp32), onnx-int8, or auto: PyTorch on a GPU or a bf16 CPU, else ONNX Runtime (int8 only if it keeps fp32's labels)
 MAX_BATCH_SIZE = 128  # most texts taken from the queue at once; sorted by length, then scored FORWARD_BATCH_SIZE at a time
 FORWARD_BATCH_SIZE = 16  # texts per forward pass (on 2 CPU cores e5-small scored 64 mixed texts 1.6x faster as 4 sorted passes of 16)
 MAX_WAIT_MS = 5.0  # how long a model call waits for more texts to fill its batch

@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network; set before huggingface_hub is imported
@@ -73,12 +74,10 @@ def run_script(path, *args, stdin=None, cwd=REPO_ROOT):
     )
 
 
-@pytest.fixture
-def read_only_dir(tmp_path):
-    """A folder nobody may write into: by its mode for a normal user; for root, whom modes do not stop, a read-only bind
-    mount (skipped where root may not mount)."""
-    folder = tmp_path / "read-only"
-    folder.mkdir()
+@contextlib.contextmanager
+def read_only(folder):
+    """Make `folder`, with what it holds, a folder nobody may write into: by its mode for a normal user; for root, whom
+    modes do not stop, a read-only bind mount (skipped where root may not mount)."""
     if os.geteuid() != 0:
         folder.chmod(0o555)
         yield folder
@@ -91,6 +90,15 @@ def read_only_dir(tmp_path):
         yield folder
     finally:
         subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """An empty folder nobody may write into."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    with read_only(folder):
+        yield folder
 
 
 class Server:

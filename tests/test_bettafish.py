@@ -24,7 +24,7 @@ def checkpoint(trained):
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    server = Server("--checkpoint", f"mine={checkpoint}", "--mixed-precision", "no", *STRICT)
+    server = Server("--checkpoint", f"mine={checkpoint}", "--mixed-precision", "no", "--backend", "torch", *STRICT)
     yield server
     assert server.stop() == 0
 
@@ -132,7 +132,7 @@ def test_the_client_waits_for_a_server_that_is_still_starting(checkpoint):
     import sys
 
     process = subprocess.Popen([sys.executable, str(REPO_ROOT / "serve.py"), "--checkpoint", str(checkpoint), "--port", str(port),
-                                "--log-level", "warning", "--mixed-precision", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                "--log-level", "warning", "--mixed-precision", "no", "--backend", "torch"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         with SentimentClient(f"http://127.0.0.1:{port}", retries=8) as client:  # refused, then 503 not_ready, then answered
             assert [result["label"] for result in client.score(TEXTS[:5])] == [r["label"] for r in Classifier.load(checkpoint).predict(TEXTS[:5])]
@@ -147,7 +147,7 @@ def test_the_client_waits_for_a_server_that_is_still_starting(checkpoint):
 def test_a_256_text_request_to_the_default_classifier_in_fp32_is_answered_in_full():
     """The default (shipped e5) classifier, the CPU forced to fp32: no 504 for a full request within the limits."""
     texts = pd.read_csv(REPO_ROOT / "dataset" / "weibo_senti_100k.csv", nrows=256)["review"].str.replace(r"\[[^\]]*\]", "", regex=True).tolist()
-    server = Server("--mixed-precision", "no")
+    server = Server("--mixed-precision", "no", "--backend", "torch")
     try:
         answer = httpx.post(server.url + "/api/sentiment", json={"texts": texts, "per_text_errors": True}, timeout=600)
         assert answer.status_code == 200, answer.text

@@ -21,7 +21,7 @@ from weibo_senti.predict import Classifier
 from weibo_senti.checkpoint import model_name
 
 SCORE = REPO_ROOT / "score.py"
-FP32 = ["--mixed-precision", "no"]
+FP32 = ["--mixed-precision", "no", "--backend", "torch"]
 
 
 def posts(count, start=1, seed=0):

@@ -29,7 +29,7 @@ def checkpoints(trained, tiny_models, weibo_csv, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(checkpoints):
     names = [f"{name}={path}" for name, path in checkpoints.items()]
-    server = Server(*(arg for name in names for arg in ("--checkpoint", name)), "--mixed-precision", "no", "--max-wait-ms", "50", *STRICT)
+    server = Server(*(arg for name in names for arg in ("--checkpoint", name)), "--mixed-precision", "no", "--backend", "torch", "--max-wait-ms", "50", *STRICT)
     yield server
     assert server.stop() == 0
 
@@ -37,7 +37,7 @@ def server(checkpoints):
 def test_results_equal_predict_py(server, checkpoints):
     answer = server.post({"texts": TEXTS[:20]}).json()
     assert answer["model"] == "a"  # the first --checkpoint is the default
-    script = run_script(REPO_ROOT / "bert_lora" / "predict.py", "--checkpoint", checkpoints["a"], "--mixed-precision", "no", stdin="\n".join(TEXTS[:20]))
+    script = run_script(REPO_ROOT / "bert_lora" / "predict.py", "--checkpoint", checkpoints["a"], "--mixed-precision", "no", "--backend", "torch", stdin="\n".join(TEXTS[:20]))
     expected = [json.loads(line) for line in script.stdout.splitlines()]
     assert len(expected) == len(answer["results"]) == 20
     for got, want in zip(answer["results"], expected):
@@ -185,7 +185,7 @@ def test_the_deadline_bounds_the_wait_in_the_queue_not_the_work(checkpoints):
     """A request longer than REQUEST_TIMEOUT_S takes to score is answered in full once its texts reach the model; a
     request that times out waiting leaves what was scored meanwhile in the cache for its retry."""
     server = Server("--checkpoint", checkpoints["a"], "--request-timeout-s", "0.3", "--max-batch-size", "8",
-                    "--forward-batch-size", "1", "--mixed-precision", "no", "--max-texts-per-request", "512")
+                    "--forward-batch-size", "1", "--mixed-precision", "no", "--backend", "torch", "--max-texts-per-request", "512")
     try:
         texts = [f"{text}{i}" for i, text in enumerate(TEXTS * 17)][:400]
         started = time.monotonic()

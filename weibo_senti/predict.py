@@ -1,5 +1,6 @@
 """Score Weibo posts: the interactive console of the original scripts, or --text / --file / stdin in batches."""
 import argparse
+import functools
 import json
 import os
 import re
@@ -11,10 +12,16 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, pipeline
 
+from . import UserError
 from .checkpoint import CheckpointError, atomic_file, find_checkpoint, load_checkpoint, read_info
 from .data import MISSING_TEXT_MARKERS, DataError, read_csv_text, scores
 from .models import MIXED_PRECISIONS, MODELS_DIR, PAD_TO_MULTIPLE_OF, autocast, load_tokenizer, resolve_mixed_precision, resolve_model
 
+BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
+BACKEND_HELP = (
+    "what scores the texts: torch; onnx (ONNX Runtime fp32, exported once beside the checkpoint); onnx-int8; auto: PyTorch on a GPU "
+    "or a CPU with native bf16, else ONNX Runtime (int8 only where it gave fp32's labels on >= 99.5%% of probe texts)"
+)
 SENTIMENTS = ("负面情感", "正面情感")  # label 0, label 1, as the original console printed them
 DEFAULT_MAX_LENGTH = 128
 SHIPPED_CLASSIFIERS = MODELS_DIR / "classifiers"  # <method>/: trained on the embedded mini models, committed
@@ -28,6 +35,11 @@ def clean_text(text):
     text = re.sub(r"[\u200b-\u200f\u2060\ufeff]", "", text)
     text = re.sub(r"[\U0001F000-\U0001FAFF\u2600-\u27BF\uFE0F]", "", text)
     return re.sub(r"\s+", " ", text).strip()
+
+
+def runtime_options(cfg):
+    """Classifier.load's options from a script's MIXED_PRECISION and BACKEND settings."""
+    return {"mixed_precision": cfg.mixed_precision, "backend": cfg.backend}
 
 
 def text_problem(text):
@@ -48,17 +60,65 @@ def text_problem(text):
 class Classifier:
     """A loaded model with its tokenizer; predict() takes any number of texts and batches them by length."""
 
-    def __init__(self, model, tokenizer, max_length, source, use_pipeline=False, clean=False, mixed_precision="no"):
+    def __init__(self, model, tokenizer, max_length, source, use_pipeline=False, clean=False, mixed_precision="no", backend="torch",
+                 checkpoint=None):
+        """backend: torch, onnx (ONNX Runtime fp32), onnx-int8, or auto (onnx_backend.resolve_backend); the onnx ones
+        export `checkpoint` (a folder) once and keep the export beside it."""
         if model.config.num_labels != 2:
             raise CheckpointError(f"{source}: a two-class (negative, positive) classifier is needed, it has {model.config.num_labels} labels")
         self.model, self.tokenizer, self.max_length, self.source, self.clean = model.eval(), tokenizer, max_length, source, clean
         # weights stay as they are; 'bf16' runs the forward pass under autocast
         self.precision, self.precision_reason = resolve_mixed_precision(mixed_precision, model.device.type)
+        self.onnx, self.backend, self.backend_reason = None, "torch", "as asked"
+        if backend != "torch":
+            self._use_onnx(backend, checkpoint, use_pipeline)
         self.pipeline = None
         if use_pipeline:
             # A PeftModel's base model carries the LoRA layers and the trained head, so the pipeline sees the trained model.
             plain_model = model.get_base_model() if hasattr(model, "get_base_model") else model
             self.pipeline = pipeline("text-classification", model=plain_model, tokenizer=tokenizer, top_k=None)
+
+    def _use_onnx(self, choice, checkpoint, use_pipeline):
+        from . import onnx_backend
+
+        onnx_backend.check_backend(choice)
+        cannot = (
+            "--pipeline runs PyTorch" if use_pipeline
+            else "a LoRA model kept unmerged, to share its base with other adapters, runs PyTorch" if hasattr(self.model, "peft_config")
+            else "a model on a GPU runs PyTorch" if self.model.device.type != "cpu"
+            else "a model not loaded from a folder has nowhere to keep its export" if checkpoint is None
+            else None
+        )
+        if cannot:
+            if choice != "auto":
+                raise UserError(f"--backend {choice}: {cannot}; use --backend torch or auto")
+            self.backend_reason = f"auto: {cannot}"
+            return
+        exported = functools.cache(lambda: onnx_backend.ensure_exported(self, checkpoint))
+        self.backend, self.backend_reason = onnx_backend.resolve_backend(choice, self.precision == "bf16", lambda: exported()[1])
+        if self.backend == "torch":
+            return
+        folder, record = exported()
+        agreement = record["int8_fidelity"]["identical_labels"]
+        if self.backend == "onnx-int8" and not agreement >= onnx_backend.FIDELITY_BAR:
+            print(f"note: int8 gave PyTorch fp32's label on {agreement:.1%} of the probe texts (largest change of P(positive) "
+                  f"{record['int8_fidelity']['max_change_prob_positive']:.3f}), below the {onnx_backend.FIDELITY_BAR:.1%} that "
+                  "--backend auto asks of it", file=sys.stderr)
+        self.onnx = onnx_backend.OnnxModel(folder / (onnx_backend.INT8_FILE if self.backend == "onnx-int8" else onnx_backend.FP32_FILE))
+        self.precision, self.precision_reason = "no", "ONNX Runtime"
+
+    @property
+    def runs_as(self):
+        """What scores the texts, in words: PyTorch fp32 / bf16, ONNX Runtime fp32 / int8."""
+        if self.backend == "torch":
+            return f"PyTorch {'fp32' if self.precision == 'no' else self.precision}"
+        return "ONNX Runtime " + ("int8" if self.backend == "onnx-int8" else "fp32")
+
+    def describe_runtime(self):
+        """The line scripts print on what scores the texts and why."""
+        if self.backend == "torch":
+            return f"runs as: {self.runs_as} (precision: {self.precision_reason}; backend: {self.backend_reason})"
+        return f"runs as: {self.runs_as} ({self.backend_reason})"
 
     @classmethod
     def load(cls, location, expected_method=None, merge_lora=True, **options):
@@ -70,7 +130,7 @@ class Classifier:
             model, tokenizer, info = load_checkpoint(path, expected_method)
             if merge_lora and hasattr(model, "merge_and_unload"):
                 model = model.merge_and_unload()
-            return cls(model, tokenizer, info["max_length"], f"{path} ({info['method']}, base {info['base_model']})", **options)
+            return cls(model, tokenizer, info["max_length"], f"{path} ({info['method']}, base {info['base_model']})", checkpoint=path, **options)
         if path.is_dir() and not (path / "config.json").is_file():
             raise CheckpointError(f"{path} is neither a checkpoint of this toolkit (no checkpoint.json) nor a classifier folder (no config.json)")
         if not path.is_dir() and (path.is_absolute() or str(location).startswith(".") or "/" not in str(location)):
@@ -83,7 +143,7 @@ class Classifier:
                 "fine-tune it with train.py, or pass a checkpoint folder with --checkpoint"
             )
         model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32)
-        return cls(model, load_tokenizer(folder), DEFAULT_MAX_LENGTH, f"{location} (plain classifier)", **options)
+        return cls(model, load_tokenizer(folder), DEFAULT_MAX_LENGTH, f"{location} (plain classifier)", checkpoint=folder, **options)
 
     def probabilities(self, texts, batch_size=64, adapter_names=None):
         """[n, 2] array of P(negative), P(positive). adapter_names: for a PEFT model holding several adapters, the one
@@ -91,19 +151,27 @@ class Classifier:
         texts = [clean_text(t) if self.clean else t for t in texts]
         if self.pipeline is not None:
             return self._pipeline_probabilities(texts, batch_size)
+        return self.probabilities_with(self.onnx, texts, batch_size, adapter_names)
+
+    def probabilities_with(self, onnx_model, texts, batch_size=64, adapter_names=None):
+        """probabilities() through an onnx_backend.OnnxModel, or through PyTorch when it is None."""
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         result = np.zeros((len(texts), 2), dtype=np.float32)
-        with torch.inference_mode(), autocast(self.precision, self.model.device.type):
+        precision = "no" if onnx_model is not None else self.precision
+        with torch.inference_mode(), autocast(precision, self.model.device.type):
             for start in range(0, len(order), batch_size):
                 chunk = order[start:start + batch_size]
                 encoded = self.tokenizer(
                     [texts[i] for i in chunk], padding=True, truncation=True, max_length=self.max_length,
-                    pad_to_multiple_of=PAD_TO_MULTIPLE_OF[self.precision], return_tensors="pt",
+                    pad_to_multiple_of=PAD_TO_MULTIPLE_OF[precision], return_tensors="pt",
                 )
                 encoded = {key: value.to(self.model.device) for key, value in encoded.items() if key in ("input_ids", "attention_mask")}
-                if adapter_names is not None:
-                    encoded["adapter_names"] = [adapter_names[i] for i in chunk]
-                logits = self.model(**encoded).logits
+                if onnx_model is not None:
+                    logits = torch.from_numpy(onnx_model.logits(encoded["input_ids"].numpy(), encoded["attention_mask"].numpy()))
+                else:
+                    if adapter_names is not None:
+                        encoded["adapter_names"] = [adapter_names[i] for i in chunk]
+                    logits = self.model(**encoded).logits
                 result[chunk] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
         return result
 
@@ -311,6 +379,7 @@ def main(trained_checkpoint, method, argv=None):
         "--mixed-precision", default="auto", choices=MIXED_PRECISIONS,
         help="auto: bf16 where the CPU or GPU computes it natively (same labels as fp32 on >= 99.5%% of texts, see README), else fp32",
     )
+    parser.add_argument("--backend", default="auto", choices=BACKENDS, help=BACKEND_HELP)
     args = parser.parse_args(argv)
     if args.text is not None and not args.text.strip():
         raise DataError("--text is empty: give the text to score")
@@ -322,9 +391,10 @@ def main(trained_checkpoint, method, argv=None):
 
     checkpoint = args.checkpoint or default_checkpoint(Path(trained_checkpoint), method)
     classifier = Classifier.load(
-        checkpoint, expected_method=method, use_pipeline=args.pipeline, clean=args.clean, mixed_precision=args.mixed_precision
+        checkpoint, expected_method=method, use_pipeline=args.pipeline, clean=args.clean, mixed_precision=args.mixed_precision,
+        backend=args.backend,
     )
-    print(f"precision: {'fp32' if classifier.precision == 'no' else classifier.precision} ({classifier.precision_reason})", file=sys.stderr)
+    print(classifier.describe_runtime(), file=sys.stderr)
     if args.text is not None:
         result = classifier.predict_each([args.text])[0]
         if "error" in result:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from . import UserError
 from .data import DataError
-from .predict import text_problem
+from .predict import runtime_options, text_problem
 
 RESULT_COLUMNS = ["id", "label", "sentiment", "confidence", "prob_positive", "model", "scored_at", "text_digest"]
 BAD_COLUMNS = ["id", "reason", "source", "row", "model", "seen_at", "text_digest"]
@@ -759,15 +759,15 @@ def print_summary(counts, seconds, out=sys.stderr):
 _WORKER_CLASSIFIERS = {}
 
 
-def spark_partition_scorer(checkpoint, model, batch_size, mixed_precision):
+def spark_partition_scorer(checkpoint, model, batch_size, runtime):
     """The function mapInPandas runs on every partition: bad rows keep their reason, the rest are scored."""
 
     def score_partition(frames):
         from .predict import Classifier
 
-        key = (str(checkpoint), mixed_precision)
+        key = (str(checkpoint), *sorted(runtime.items()))
         if key not in _WORKER_CLASSIFIERS:  # Python workers are reused across tasks, so this loads once per worker
-            _WORKER_CLASSIFIERS[key] = Classifier.load(checkpoint, mixed_precision=mixed_precision)
+            _WORKER_CLASSIFIERS[key] = Classifier.load(checkpoint, **runtime)
         classifier = _WORKER_CLASSIFIERS[key]
         for frame in frames:
             todo, bad, _ = split_chunk(frame.assign(source="spark", row=None), _NothingDone(), model)
@@ -916,7 +916,7 @@ def score_spark(cfg, checkpoint, model):
     ])
     # computed once, here (the results only, no texts): the writes below change the sink that the anti-join reads, so
     # nothing may be recomputed after them
-    scored = frame.mapInPandas(spark_partition_scorer(checkpoint, model, cfg.batch_size, cfg.mixed_precision), schema).localCheckpoint()
+    scored = frame.mapInPandas(spark_partition_scorer(checkpoint, model, cfg.batch_size, runtime_options(cfg)), schema).localCheckpoint()
     bad = scored.where(F.col("reason").isNotNull()).select(
         "id", "reason", F.lit(source.name if source is not None else str(cfg.input)).alias("source"),
         F.lit(None).cast("long").alias("row"), "model", F.col("scored_at").alias("seen_at"), "text_digest")

@@ -27,7 +27,7 @@ from pydantic import BaseModel, Field
 from . import UserError, repo_relative
 from .cli import check_ranges
 from .checkpoint import CheckpointError, base_model_of, find_checkpoint, model_name, read_info
-from .predict import Classifier, clean_text, text_problem
+from .predict import Classifier, clean_text, runtime_options, text_problem
 
 log = logging.getLogger("weibo_senti.serving")
 SHARES_BASE = ("lora", "bert_lora")  # methods whose checkpoints are PEFT adapters: one base in memory for all of them
@@ -95,6 +95,7 @@ class Served:
             "checkpoint": shown_path(self.path),
             "max_length": self.classifier.max_length,
             "precision": "fp32" if self.classifier.precision == "no" else self.classifier.precision,
+            "runs_as": self.classifier.runs_as,
             "validation": {
                 "accuracy": metrics.get("val_accuracy"),
                 "macro_f1": metrics.get("val_macro_f1"),
@@ -111,10 +112,10 @@ def shown_path(path):
     return Path(shown).name if Path(shown).is_absolute() else shown
 
 
-def load_models(checkpoints, mixed_precision):
+def load_models(checkpoints, runtime):
     """[(name, path)] -> {name: Served}. A LoRA checkpoint whose base (and max length) an earlier one already loaded
     becomes one more adapter of that model (PeftModel.load_adapter) instead of a second copy of the base; one alone on
-    its base is merged into it."""
+    its base is merged into it. runtime: Classifier options (mixed_precision, backend)."""
     entries = []
     for name, path in checkpoints:
         folder = find_checkpoint(path)
@@ -136,12 +137,12 @@ def load_models(checkpoints, mixed_precision):
             # a LoRA checkpoint alone on its base is merged into it (twice as fast on a CPU); one that shares stays a
             # PeftModel, which the later ones join as adapters
             shares = key is not None and keys.count(key) > 1
-            classifier = Classifier.load(path, mixed_precision=mixed_precision, merge_lora=not shares)
+            classifier = Classifier.load(path, merge_lora=not shares, **runtime)
             if shares:
                 shared[key] = classifier
             served[name] = Served(
                 name, path, info, classifier, adapter=classifier.model.active_adapter if shares else None, model_id=model_name(path))
-        log.info("loaded %s: %s", name, classifier.source)
+        log.info("loaded %s: %s; %s", name, classifier.source, classifier.describe_runtime())
     return served
 
 
@@ -341,8 +342,8 @@ class ModelPool:
     """Everything between a request's texts and their results: the served models (loaded on a thread once the server
     runs), one Batcher per loaded model on one model thread, and the result cache. No HTTP here."""
 
-    def __init__(self, checkpoints, limits, mixed_precision, metrics, load=load_models):
-        self.checkpoints, self.limits, self.mixed_precision, self.metrics, self.load = checkpoints, limits, mixed_precision, metrics, load
+    def __init__(self, checkpoints, limits, runtime, metrics, load=load_models):
+        self.checkpoints, self.limits, self.runtime, self.metrics, self.load = checkpoints, limits, runtime, metrics, load
         self.models, self.loading_error, self.batchers = None, None, []
         self.cache = ResultCache(limits.cache_size)
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")  # one model call at a time: all cores each
@@ -354,7 +355,7 @@ class ModelPool:
 
         def load_in_thread():
             try:
-                models = self.load(self.checkpoints, self.mixed_precision)
+                models = self.load(self.checkpoints, self.runtime)
             except Exception as error:  # logged here and said by serve.py as it exits; /readyz says only that it failed
                 log.error("cannot load the models: %s", error)
                 loop.call_soon_threadsafe(self._failed, error, on_load_failure)
@@ -455,12 +456,12 @@ def texts_of(body, limits):
     return [clean_text(text) if body.clean and i not in problems else text for i, text in enumerate(texts)], problems
 
 
-def create_app(checkpoints, limits=None, mixed_precision="auto", load=load_models, on_load_failure=None):
+def create_app(checkpoints, limits=None, runtime=None, load=load_models, on_load_failure=None):
     """The FastAPI app over a ModelPool: routes, error shapes and request metrics. The models load once the server
     runs; until then /readyz and /api/sentiment answer 503. on_load_failure(error): see ModelPool.start."""
     limits = limits or Limits()
     metrics = Metrics()
-    pool = ModelPool(checkpoints, limits, mixed_precision, metrics, load)
+    pool = ModelPool(checkpoints, limits, runtime or {"mixed_precision": "auto", "backend": "auto"}, metrics, load)
 
     async def lifespan(app):
         pool.start(on_load_failure)
@@ -620,7 +621,7 @@ def serve(cfg, default_checkpoint):
         failure["error"] = error
         server.should_exit = True
 
-    app = create_app(checkpoints, limits, cfg.mixed_precision, on_load_failure=stop_serving)
+    app = create_app(checkpoints, limits, runtime_options(cfg), on_load_failure=stop_serving)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):

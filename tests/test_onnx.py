@@ -1,0 +1,87 @@
+"""The ONNX Runtime backends against PyTorch on the tiny trained checkpoints, the export cache, and `auto`'s choice."""
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import read_only, run_script
+from weibo_senti import REPO_ROOT, UserError, onnx_backend
+from weibo_senti.predict import Classifier
+
+# lengths from 1 to 60 characters, so that every batch pads some texts
+TEXTS = ["好", "今天好开心[哈哈]", "讨厌难过[泪]", "天气" * 30, "我们去吃饭了，工作好累烦", "[怒]", "北京上海朋友电影"] * 5
+
+
+@pytest.fixture(scope="module")
+def checkpoints(trained, tmp_path_factory):
+    """Copies of the tiny checkpoints, so that their exports are this module's own."""
+    root = tmp_path_factory.mktemp("onnx")
+    return {method: shutil.copytree(trained(method)[0] / "best", root / method) for method in ("adapter_tuning", "lora", "bert_lora")}
+
+
+@pytest.mark.parametrize("method", ["adapter_tuning", "lora", "bert_lora"])
+def test_the_onnx_export_scores_as_pytorch_does(checkpoints, method, capsys):
+    torch_fp32 = Classifier.load(checkpoints[method], mixed_precision="no").probabilities(TEXTS, batch_size=8)
+    onnx_fp32 = Classifier.load(checkpoints[method], backend="onnx")
+    assert onnx_fp32.runs_as == "ONNX Runtime fp32"
+    assert "exporting" in capsys.readouterr().err
+    np.testing.assert_allclose(onnx_fp32.probabilities(TEXTS, batch_size=8), torch_fp32, atol=1e-5)
+
+    int8 = Classifier.load(checkpoints[method], backend="onnx-int8")
+    assert int8.runs_as == "ONNX Runtime int8" and "exporting" not in capsys.readouterr().err  # exported once
+    probabilities = int8.probabilities(TEXTS, batch_size=8)
+    assert probabilities.shape == (len(TEXTS), 2) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
+
+    folder = onnx_backend.cache_folder(checkpoints[method])
+    assert folder.parent == checkpoints[method] / "onnx" and folder.name.startswith(method + "-")
+    record = json.loads((folder / onnx_backend.RECORD_FILE).read_text(encoding="utf-8"))
+    fidelity = record["int8_fidelity"]
+    assert fidelity["texts"] == onnx_backend.PROBE_TEXTS and 0 <= fidelity["identical_labels"] <= 1
+    assert 0 <= fidelity["max_change_prob_positive"] <= 1
+
+
+def test_auto_takes_int8_only_where_it_keeps_fp32s_labels():
+    record = lambda agreement: lambda: {"int8_fidelity": {"identical_labels": agreement}}  # noqa: E731
+    assert onnx_backend.resolve_backend("auto", True, record(1.0))[0] == "torch"  # PyTorch's bf16 where the CPU has it
+    assert onnx_backend.resolve_backend("auto", False, record(0.999))[0] == "onnx-int8"
+    backend, why = onnx_backend.resolve_backend("auto", False, record(0.98))
+    assert backend == "onnx" and "98.0%" in why and "99.5%" in why
+    assert onnx_backend.resolve_backend("auto", False, record(math.nan)) == (
+        "onnx", "auto: no native bf16 on this CPU; ONNX Runtime fp32, since int8 was not measured (no data set) (the bar: 99.5%)")
+    assert onnx_backend.resolve_backend("onnx-int8", True, record(0.5)) == ("onnx-int8", "as asked")
+    with pytest.raises(UserError, match="--backend fast: not one of auto, torch, onnx, onnx-int8"):
+        onnx_backend.resolve_backend("fast", False, record(1.0))
+
+
+def test_a_retrained_checkpoint_is_exported_anew_and_a_read_only_one_exports_elsewhere(checkpoints, tmp_path, monkeypatch):
+    copy = shutil.copytree(checkpoints["lora"], tmp_path / "lora", ignore=shutil.ignore_patterns("onnx"))
+    before = onnx_backend.cache_folder(copy)
+    info = json.loads((copy / "checkpoint.json").read_text(encoding="utf-8"))
+    (copy / "checkpoint.json").write_text(json.dumps({**info, "epoch": 99}), encoding="utf-8")
+    assert onnx_backend.cache_folder(copy) != before
+
+    monkeypatch.setenv(onnx_backend.CACHE_ENV_VAR, str(tmp_path / "cache"))
+    with read_only(copy):
+        classifier = Classifier.load(copy, backend="onnx")
+        assert classifier.onnx.path.is_relative_to(tmp_path / "cache") and not (copy / "onnx").exists()
+
+
+def test_predict_py_says_what_it_runs_as_and_warns_of_int8_below_the_bar(checkpoints):
+    done = run_script(REPO_ROOT / "lora" / "predict.py", "--checkpoint", checkpoints["lora"], "--backend", "onnx-int8", "--text", "今天好开心")
+    assert done.returncode == 0, done.stderr
+    assert "runs as: ONNX Runtime int8 (as asked)" in done.stderr
+    record = json.loads((onnx_backend.cache_folder(checkpoints["lora"]) / onnx_backend.RECORD_FILE).read_text(encoding="utf-8"))
+    assert ("below the 99.5%" in done.stderr) == (record["int8_fidelity"]["identical_labels"] < 0.995)
+    assert "置信度" in done.stdout
+
+
+def test_adapters_sharing_a_base_run_pytorch(checkpoints):
+    from weibo_senti.serving import load_models
+
+    pair = [("a", checkpoints["bert_lora"]), ("b", checkpoints["bert_lora"])]
+    served = load_models(pair, {"mixed_precision": "no", "backend": "auto"})
+    assert served["a"].classifier.runs_as == "PyTorch fp32" and "share its base" in served["a"].classifier.backend_reason
+    with pytest.raises(UserError, match="--backend onnx: a LoRA model kept unmerged, to share its base with other adapters, runs PyTorch"):
+        load_models(pair, {"mixed_precision": "no", "backend": "onnx"})
