@@ -45,7 +45,7 @@ def measure(checkpoint, text_sets, batch_size, single_texts, runtime):
         started = time.perf_counter()
         probabilities = classifier.probabilities(data["texts"], batch_size)
         seconds = time.perf_counter() - started
-        result["scores"][name] = detailed_scores(data["labels"], probabilities.argmax(axis=1))
+        result["scores"][name] = detailed_scores(data["labels"], probabilities.argmax(axis=1), probabilities)
         if name == "val":
             result["batched_texts_per_second"] = len(data["texts"]) / seconds
     singles = []
@@ -151,10 +151,11 @@ def write_markdown(rows, text_sets, cfg, command, path):
         )
     lines += [
         "",
-        "Per class (precision / recall) and the confusion matrix `[[true neg -> neg, neg -> pos], [pos -> neg, pos -> pos]]`:",
+        "Per class (precision / recall), the confusion matrix `[[true neg -> neg, neg -> pos], [pos -> neg, pos -> pos]]`, and the "
+        "expected calibration error (the mean gap between confidence and accuracy over 10 bins):",
         "",
-        "| method | base model | texts | negative P / R | positive P / R | confusion matrix |",
-        "|---|---|---|---|---|---|",
+        "| method | base model | texts | negative P / R | positive P / R | confusion matrix | calibration error |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         for name in ("val", "val_no_emoticons"):
@@ -163,7 +164,8 @@ def write_markdown(rows, text_sets, cfg, command, path):
             lines.append(
                 f"| {row['method']} | {row['base_model']} | {'as they are' if name == 'val' else 'no emoticons'} | "
                 f"{classes['negative']['precision']:.4f} / {classes['negative']['recall']:.4f} | "
-                f"{classes['positive']['precision']:.4f} / {classes['positive']['recall']:.4f} | {detail['confusion_matrix']} |"
+                f"{classes['positive']['precision']:.4f} / {classes['positive']['recall']:.4f} | {detail['confusion_matrix']} | "
+                f"{_fmt(detail.get('calibration_error'), '.4f')} |"
             )
     warnings = [row["warning"] for row in rows if row["warning"]]
     lines += [""] + [f"- warning: {w}" for w in warnings]

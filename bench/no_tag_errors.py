@@ -15,7 +15,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from weibo_senti import cli, repo_relative  # noqa: E402
 from weibo_senti.checkpoint import atomic_file, write_json_atomic  # noqa: E402
-from weibo_senti.data import load_labelled_csv, split_train_val, strip_emoticons  # noqa: E402
+from weibo_senti.data import expected_calibration_error, load_labelled_csv, split_train_val, strip_emoticons  # noqa: E402
 from weibo_senti.predict import Classifier  # noqa: E402
 
 CHECKPOINT = Path("models/classifiers/adapter_tuning")  # a trained checkpoint folder
@@ -32,14 +32,6 @@ OUT = Path("results/no_tag_errors")  # .json and .md are written
 
 def _length_bin(low, high):
     return f"{low}+" if high is None else str(low) if high == low + 1 else f"{low}-{high - 1}"
-
-
-def expected_calibration_error(confidence, right, bins):
-    """How far the stated confidence is from the accuracy it claims: the mean gap over equal-width bins, by their size."""
-    edges = np.linspace(0.5, 1.0, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
-    return float(sum(abs(confidence[which == b].mean() - right[which == b].mean()) * (which == b).mean()
-                     for b in range(bins) if (which == b).any()))
 
 
 def main(cfg):

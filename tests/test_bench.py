@@ -59,8 +59,24 @@ def test_expected_calibration_error_is_the_gap_between_confidence_and_accuracy()
     import numpy as np
 
     sys.path.insert(0, str(REPO_ROOT / "bench"))
-    from no_tag_errors import expected_calibration_error
+    from weibo_senti.data import expected_calibration_error
 
     right = np.array([True] * 9 + [False])
     assert expected_calibration_error(np.full(10, 0.9), right, 10) == pytest.approx(0.0)  # says 0.9, right 9 of 10
     assert expected_calibration_error(np.full(10, 0.99), right, 10) == pytest.approx(0.09)  # overstates by 0.09
+
+
+def test_inference_bench_measures_every_path_and_keys_the_results_by_cpu_kind(trained, tmp_path):
+    import shutil
+
+    checkpoint = shutil.copytree(trained("lora")[0] / "best", tmp_path / "lora")
+    result = run_script(REPO_ROOT / "bench" / "inference.py", "--checkpoint", checkpoint, "--texts", "40", "--ctranslate2", "",
+                        "--out", tmp_path / "inference")
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = json.loads((tmp_path / "inference.json").read_text(encoding="utf-8"))
+    (kind, run), = runs.items()
+    assert kind == run["machine"]["kind"] and "avx2" in run["machine"]["flags"]
+    paths = [row["path"] for row in run["classifiers"][0]["paths"]]
+    assert paths[0] == "PyTorch fp32" and paths[-2:] == ["ONNX Runtime fp32", "ONNX Runtime int8"]
+    assert run["classifiers"][0]["paths"][-2]["without_tags"]["identical_labels"] == 1.0  # fp32 through either runtime
+    assert "**auto picks:**" in (tmp_path / "inference.md").read_text(encoding="utf-8")

@@ -18,7 +18,8 @@ def test_short_run_lowers_the_loss_and_keeps_the_best_checkpoint(trained, method
     assert [entry["epoch"] for entry in log] == [1, 2, 3, 4]
     assert log[-1]["train_loss"] < log[0]["train_loss"]
     assert min(entry["val_loss"] for entry in log) < log[0]["val_loss"]
-    for key in ("val_accuracy", "val_macro_f1", "val_no_emoticons_accuracy", "val_no_emoticons_macro_f1", "train_seconds"):
+    for key in ("val_accuracy", "val_macro_f1", "val_no_emoticons_accuracy", "val_no_emoticons_macro_f1", "train_seconds",
+                "val_no_emoticons_recall_negative", "val_no_emoticons_recall_positive", "val_no_emoticons_calibration_error"):
         assert key in log[0]
     assert json.loads((output_dir / "training_log.json").read_text(encoding="utf-8")) == log
     info = json.loads((output_dir / "best" / "checkpoint.json").read_text(encoding="utf-8"))

@@ -37,12 +37,29 @@ def scores(labels, predictions):
     }
 
 
-def detailed_scores(labels, predictions):
+CALIBRATION_BINS = 10
+
+
+def expected_calibration_error(confidence, right, bins=CALIBRATION_BINS):
+    """How far the stated confidence is from the accuracy it claims: the mean gap over equal-width bins, by their size."""
+    confidence, right = np.asarray(confidence, dtype=float), np.asarray(right, dtype=float)
+    edges = np.linspace(0.5, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    return float(sum(abs(confidence[which == b].mean() - right[which == b].mean()) * (which == b).mean()
+                     for b in range(bins) if (which == b).any()))
+
+
+def detailed_scores(labels, predictions, probabilities=None):
     """scores() plus precision and recall per class and the confusion matrix (rows: true label, columns: predicted),
-    as the original scripts' evaluation listed them."""
+    as the original scripts' evaluation listed them; with the [n, 2] probabilities, the expected calibration error."""
     precision, recall, _, support = precision_recall_fscore_support(labels, predictions, labels=[0, 1], zero_division=0)
+    calibration = {}
+    if probabilities is not None:
+        right = np.asarray(predictions) == np.asarray(labels)
+        calibration = {"calibration_error": expected_calibration_error(np.asarray(probabilities).max(axis=1), right)}
     return {
         **scores(labels, predictions),
+        **calibration,
         "per_class": {
             name: {"precision": float(precision[i]), "recall": float(recall[i]), "support": int(support[i])}
             for i, name in enumerate(LABEL_NAMES)

@@ -38,7 +38,7 @@ from .checkpoint import (
     write_json_atomic,
 )
 from .data import (
-    LABEL_NAMES, EncodedTexts, LengthGroupedBatches, load_labelled_csv, make_collate, scores, split_train_val, strip_emoticons,
+    LABEL_NAMES, EncodedTexts, LengthGroupedBatches, detailed_scores, load_labelled_csv, make_collate, split_train_val, strip_emoticons,
 )
 from .models import MINI_MODELS, OFFLINE_IMPORTS, PAD_TO_MULTIPLE_OF, fine_tuning_defaults, load_tokenizer, resolve_mixed_precision, resolve_model
 
@@ -64,16 +64,20 @@ def describe_parameters(model):
 
 @torch.no_grad()
 def evaluate(model, loader, accelerator):
+    """Loss, accuracy, macro-F1, the recall of each class and the expected calibration error."""
     model.eval()
-    loss_sum, predictions, labels = 0.0, [], []
+    loss_sum, probabilities, labels = 0.0, [], []
     for batch in loader:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logits, batch_labels = accelerator.gather_for_metrics((logits, batch["labels"]))
         loss_sum += F.cross_entropy(logits.float(), batch_labels, reduction="sum").item()
-        predictions.append(logits.argmax(-1).cpu())
+        probabilities.append(torch.softmax(logits.float(), dim=-1).cpu())
         labels.append(batch_labels.cpu())
-    predictions, labels = torch.cat(predictions).numpy(), torch.cat(labels).numpy()
-    return {"loss": loss_sum / len(labels), **scores(labels, predictions)}
+    probabilities, labels = torch.cat(probabilities).numpy(), torch.cat(labels).numpy()
+    detail = detailed_scores(labels, probabilities.argmax(axis=1), probabilities)
+    recalls = {f"recall_{name}": values["recall"] for name, values in detail["per_class"].items()}
+    return {"loss": loss_sum / len(labels), "accuracy": detail["accuracy"], "macro_f1": detail["macro_f1"], **recalls,
+            "calibration_error": detail["calibration_error"]}
 
 
 def _run_identity(cfg):
@@ -384,7 +388,8 @@ def _run(cfg, method_name, accelerator, why):
         say(
             f"epoch {epoch + 1}: train loss {entry['train_loss']:.4f} | validation acc {entry['val_accuracy']:.4f} "
             f"macro-F1 {entry['val_macro_f1']:.4f} | without emoticons acc {entry['val_no_emoticons_accuracy']:.4f} "
-            f"macro-F1 {entry['val_no_emoticons_macro_f1']:.4f} | {train_seconds:.0f}s"
+            f"macro-F1 {entry['val_no_emoticons_macro_f1']:.4f} recall neg/pos {entry['val_no_emoticons_recall_negative']:.3f}/"
+            f"{entry['val_no_emoticons_recall_positive']:.3f} calibration error {entry['val_no_emoticons_calibration_error']:.3f} | {train_seconds:.0f}s"
         )
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
