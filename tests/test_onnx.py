@@ -40,16 +40,20 @@ def test_the_onnx_export_scores_as_pytorch_does(checkpoints, method, capsys):
     fidelity = record["int8_fidelity"]
     assert fidelity["texts"] == onnx_backend.PROBE_TEXTS and 0 <= fidelity["identical_labels"] <= 1
     assert 0 <= fidelity["max_change_prob_positive"] <= 1
+    assert all(record["texts_per_second"][backend] > 0 for backend in ("torch", "onnx", "onnx-int8"))
 
 
-def test_auto_takes_int8_only_where_it_keeps_fp32s_labels():
-    record = lambda agreement: lambda: {"int8_fidelity": {"identical_labels": agreement}}  # noqa: E731
-    assert onnx_backend.resolve_backend("auto", True, record(1.0))[0] == "torch"  # PyTorch's bf16 where the CPU has it
-    assert onnx_backend.resolve_backend("auto", False, record(0.999))[0] == "onnx-int8"
-    backend, why = onnx_backend.resolve_backend("auto", False, record(0.98))
-    assert backend == "onnx" and "98.0%" in why and "99.5%" in why
-    assert onnx_backend.resolve_backend("auto", False, record(math.nan)) == (
-        "onnx", "auto: no native bf16 on this CPU; ONNX Runtime fp32, since int8 was not measured (no data set) (the bar: 99.5%)")
+def test_auto_takes_the_fastest_path_measured_at_export_and_int8_only_where_it_keeps_fp32s_labels():
+    def record(agreement, **speeds):
+        return lambda: {"int8_fidelity": {"identical_labels": agreement}, "texts_per_second": {"measured_on": "probe", **speeds}}
+
+    assert onnx_backend.resolve_backend("auto", True, record(1.0, torch=1.0, onnx=9.0))[0] == "torch"  # PyTorch's native bf16
+    assert onnx_backend.resolve_backend("auto", False, record(0.999, torch=30.0, onnx=35.0, **{"onnx-int8": 50.0}))[0] == "onnx-int8"
+    backend, why = onnx_backend.resolve_backend("auto", False, record(0.98, torch=30.0, onnx=35.0, **{"onnx-int8": 50.0}))
+    assert backend == "onnx" and "98.0%" in why and "99.5%" in why and "ONNX Runtime fp32 35" in why
+    assert onnx_backend.resolve_backend("auto", False, record(0.98, torch=40.0, onnx=35.0, **{"onnx-int8": 50.0}))[0] == "torch"
+    backend, why = onnx_backend.resolve_backend("auto", False, record(math.nan, torch=math.nan, onnx=math.nan, **{"onnx-int8": math.nan}))
+    assert backend == "onnx" and "not checked (no data set)" in why
     assert onnx_backend.resolve_backend("onnx-int8", True, record(0.5)) == ("onnx-int8", "as asked")
     with pytest.raises(UserError, match="--backend fast: not one of auto, torch, onnx, onnx-int8"):
         onnx_backend.resolve_backend("fast", False, record(1.0))

@@ -7,6 +7,7 @@ import pytest
 import tiny
 from conftest import run_script
 from weibo_senti import REPO_ROOT, predict
+from weibo_senti.checkpoint import read_info
 from weibo_senti.predict import SHIPPED_CLASSIFIERS, Classifier, clean_text, console, score_stream
 
 TEXTS = ["今天好开心[哈哈]", "讨厌难过[泪]"]
@@ -126,7 +127,7 @@ def test_shipped_classifier_is_small_and_scores_weibo_posts_offline(method):
     folder = SHIPPED_CLASSIFIERS / method
     weights = [f for f in folder.iterdir() if f.suffix == ".safetensors"]
     assert weights and sum(f.stat().st_size for f in weights) <= 8 * 1024 * 1024  # e5 adapter 3 MB, e5 LoRA r=16 6 MB
-    classifier = Classifier.load(folder, expected_method=method)
+    classifier = Classifier.load(folder, expected_method=read_info(folder)["method"])
     assert [r["label"] for r in classifier.predict(["今天终于放假了，好开心[哈哈]", "又加班到半夜，心好累[泪]"])] == [1, 0]
 
 

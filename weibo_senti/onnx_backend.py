@@ -6,8 +6,10 @@ optimum's exporter is not used: its ONNX exporter (optimum-onnx) requires transf
 """
 import json
 import logging
+import math
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -119,15 +121,28 @@ def _export_once(classifier, checkpoint, folder):
             _export(classifier.model, classifier.tokenizer, tmp / FP32_FILE)
             _quantize(tmp / FP32_FILE, tmp / INT8_FILE)
             texts = probe_texts()
-            reference = classifier.probabilities_with(None, texts)
-            int8 = classifier.probabilities_with(OnnxModel(tmp / INT8_FILE), texts)
+            probabilities, speeds = {}, {}
+            for backend, onnx_model in (("torch", None), ("onnx", OnnxModel(tmp / FP32_FILE)), ("onnx-int8", OnnxModel(tmp / INT8_FILE))):
+                probabilities[backend], speeds[backend] = _timed(classifier, onnx_model, texts)
             record = {
                 "model_id": model_name(checkpoint),
                 "opset": OPSET,
                 "versions": {"torch": torch.__version__, "onnxruntime": _onnxruntime().__version__},
-                "int8_fidelity": {"texts": len(texts), "of": "validation texts without tags, against PyTorch fp32", **fidelity(reference, int8)},
+                "int8_fidelity": {"texts": len(texts), "of": "validation texts without tags, against PyTorch fp32",
+                                  **fidelity(probabilities["torch"], probabilities["onnx-int8"])},
+                "texts_per_second": {"measured_on": "the probe texts, by the process that exported", **speeds},
             }
             (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
+
+
+def _timed(classifier, onnx_model, texts):
+    """(probabilities, texts/s) of `texts` in fp32 PyTorch (onnx_model None) or through `onnx_model`, after a warm-up."""
+    if not texts:
+        return np.zeros((0, 2)), float("nan")
+    classifier.probabilities_with(onnx_model, texts[:64], precision="no")
+    started = time.perf_counter()
+    probabilities = classifier.probabilities_with(onnx_model, texts, precision="no")
+    return probabilities, len(texts) / (time.perf_counter() - started)
 
 
 def _onnxruntime():
@@ -161,16 +176,25 @@ def check_backend(choice):
 
 def resolve_backend(choice, bf16, exported_record):
     """(backend, why) for --backend `choice` on the CPU; exported_record() exports when needed and returns export.json's
-    record. auto: PyTorch where it computes in bf16 (natively, the fastest path there); on any other CPU ONNX
-    Runtime, in int8 when its labels matched fp32's on >= 99.5% of the probe texts, else in fp32 (the same labels as
-    PyTorch fp32, and faster on 2 AVX2 cores: docs/predicting.md)."""
+    record. auto: PyTorch where it computes in bf16 (natively, the fastest path there); on any other CPU the fastest of
+    PyTorch fp32, ONNX Runtime fp32 and ONNX Runtime int8 as measured at export, int8 only when its labels matched
+    fp32's on >= 99.5% of the probe texts."""
     check_backend(choice)
     if choice != "auto":
         return choice, "as asked"
     if bf16:
         return "torch", "auto: PyTorch in bf16, which this CPU computes natively"
-    agreement = exported_record()["int8_fidelity"]["identical_labels"]
-    if agreement >= FIDELITY_BAR:
-        return "onnx-int8", f"auto: no native bf16 on this CPU; int8 gave fp32's label on {agreement:.1%} of the probe texts"
-    measured = "was not measured (no data set)" if np.isnan(agreement) else f"gave fp32's label on only {agreement:.1%} of the probe texts"
-    return "onnx", f"auto: no native bf16 on this CPU; ONNX Runtime fp32, since int8 {measured} (the bar: {FIDELITY_BAR:.1%})"
+    record = exported_record()
+    agreement = record["int8_fidelity"]["identical_labels"]
+    speeds = {backend: speed for backend, speed in record.get("texts_per_second", {}).items() if isinstance(speed, float) and not math.isnan(speed)}
+    int8_ok = agreement >= FIDELITY_BAR
+    candidates = {backend: speed for backend, speed in speeds.items() if backend != "onnx-int8" or int8_ok}
+    best = max(candidates, key=candidates.get) if candidates else "onnx"
+    measured = ", ".join(f"{NAMES[backend]} {speed:.0f}" for backend, speed in speeds.items())
+    int8_note = "" if int8_ok else (
+        "; int8 was not checked (no data set)" if math.isnan(agreement)
+        else f"; int8 left out: it gave fp32's label on only {agreement:.1%} of them (the bar: {FIDELITY_BAR:.1%})")
+    return best, f"auto: no native bf16 on this CPU; the fastest measured at export ({measured} texts/s on the probe texts){int8_note}"
+
+
+NAMES = {"torch": "PyTorch fp32", "onnx": "ONNX Runtime fp32", "onnx-int8": "ONNX Runtime int8"}

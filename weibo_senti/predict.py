@@ -153,11 +153,12 @@ class Classifier:
             return self._pipeline_probabilities(texts, batch_size)
         return self.probabilities_with(self.onnx, texts, batch_size, adapter_names)
 
-    def probabilities_with(self, onnx_model, texts, batch_size=64, adapter_names=None):
-        """probabilities() through an onnx_backend.OnnxModel, or through PyTorch when it is None."""
+    def probabilities_with(self, onnx_model, texts, batch_size=64, adapter_names=None, precision=None):
+        """probabilities() through an onnx_backend.OnnxModel, or through PyTorch when it is None (in `precision`, by
+        default the classifier's)."""
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         result = np.zeros((len(texts), 2), dtype=np.float32)
-        precision = "no" if onnx_model is not None else self.precision
+        precision = "no" if onnx_model is not None else precision or self.precision
         with torch.inference_mode(), autocast(precision, self.model.device.type):
             for start in range(0, len(order), batch_size):
                 chunk = order[start:start + batch_size]
