@@ -203,7 +203,7 @@ def loaded_rss_mb(checkpoint, copies, shared):
     transformers.logging.set_verbosity_error()
 
     if shared:
-        kept = load_models([(f"m{i}", checkpoint) for i in range(copies)], "no")
+        kept = load_models([(f"m{i}", checkpoint) for i in range(copies)], {"mixed_precision": "no", "backend": "torch"})
     else:
         kept = [Classifier.load(checkpoint, mixed_precision="no") for _ in range(copies)]
     assert kept

@@ -79,7 +79,7 @@ def test_two_adapters_on_one_base_answer_as_their_own_checkpoints(server, checkp
 def test_a_lora_checkpoint_alone_on_its_base_is_served_merged(checkpoints):
     from weibo_senti.serving import load_models
 
-    served = load_models([("one", checkpoints["a"]), ("adapters", checkpoints["adapters"])], "no")
+    served = load_models([("one", checkpoints["a"]), ("adapters", checkpoints["adapters"])], {"mixed_precision": "no", "backend": "torch"})
     assert served["one"].adapter is None and not hasattr(served["one"].classifier.model, "peft_config")
     want = [r["prob_positive"] for r in Classifier.load(checkpoints["a"], merge_lora=False).predict(TEXTS)]
     got = [r["prob_positive"] for r in served["one"].classifier.predict(TEXTS)]
