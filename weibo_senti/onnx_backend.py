@@ -74,8 +74,8 @@ def _quantize(fp32_path, int8_path):
 def probe_texts():
     """The texts int8 is checked on: the first PROBE_TEXTS validation texts of train.py's split, tags removed; [] when
     the data set is not there (then int8 is never chosen by itself)."""
-    from .data import DATA_ENV_VAR, load_labelled_csv, split_train_val, strip_emoticons
     from . import REPO_ROOT
+    from .data import DATA_ENV_VAR, load_labelled_csv, split_train_val, strip_emoticons
 
     path = Path(os.environ.get(DATA_ENV_VAR, REPO_ROOT / "dataset" / "weibo_senti_100k.csv"))
     if not path.is_file():

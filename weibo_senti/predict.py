@@ -112,7 +112,9 @@ class Classifier:
         """What scores the texts, in words: PyTorch fp32 / bf16, ONNX Runtime fp32 / int8."""
         if self.backend == "torch":
             return f"PyTorch {'fp32' if self.precision == 'no' else self.precision}"
-        return "ONNX Runtime " + ("int8" if self.backend == "onnx-int8" else "fp32")
+        from .onnx_backend import NAMES
+
+        return NAMES[self.backend]
 
     def describe_runtime(self):
         """The line scripts print on what scores the texts and why."""
