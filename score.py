@@ -53,9 +53,12 @@ def main():
     if cfg.engine == "spark":
         counts = scoring.score_spark(cfg, checkpoint, model)
     else:
-        classifier = Classifier.load(checkpoint, **runtime_options(cfg))
-        print(classifier.describe_runtime(), file=sys.stderr)
-        counts = scoring.score(cfg, classifier, model)
+        def load_classifier():
+            classifier = Classifier.load(checkpoint, **runtime_options(cfg))
+            print(classifier.describe_runtime(), file=sys.stderr)
+            return classifier
+
+        counts = scoring.score(cfg, load_classifier, model)
     print(f"model {model}", file=sys.stderr)
     scoring.print_summary(counts, time.perf_counter() - began)
 

@@ -674,9 +674,12 @@ def split_chunk(chunk, sink, model):
     return todo, bad, int(already.sum())
 
 
-def score(cfg, classifier, model):
-    """The local engine: read, skip, score and write chunk by chunk. Returns the summary counts."""
+def score(cfg, load_classifier, model):
+    """The local engine: read, skip, score and write chunk by chunk. Returns the summary counts. The classifier is
+    loaded (load_classifier()) once the input is open, so a bad --input or --where is said before a model loads, and
+    before the output is made, so a checkpoint that fails to load leaves no empty output behind."""
     source = open_source(cfg)
+    classifier = load_classifier()
     sink = open_sink(cfg, source)
     # a file output takes one writer at a time; a database output is safe by its transactions and primary key
     lock = FileLock(sink.lock_path, timeout=0) if sink.lock_path else nullcontext()
