@@ -34,7 +34,7 @@ def measure(checkpoint, text_sets, batch_size, single_texts, runtime):
     """Runs in a child process, so that its peak memory is this model's alone."""
     import torch
 
-    from weibo_senti.data import detailed_scores
+    from weibo_senti.data import detailed_scores, expected_calibration_error
     from weibo_senti.predict import Classifier
 
     classifier = Classifier.load(checkpoint, **runtime)
@@ -46,6 +46,10 @@ def measure(checkpoint, text_sets, batch_size, single_texts, runtime):
         probabilities = classifier.probabilities(data["texts"], batch_size)
         seconds = time.perf_counter() - started
         result["scores"][name] = detailed_scores(data["labels"], probabilities.argmax(axis=1), probabilities)
+        if "held_out" in data:
+            held_out = data["held_out"]
+            result["scores"][name]["calibration_error"] = expected_calibration_error(
+                probabilities[held_out].max(axis=1), probabilities[held_out].argmax(axis=1) == data["labels"][held_out])
         if name == "val":
             result["batched_texts_per_second"] = len(data["texts"]) / seconds
     singles = []
@@ -103,14 +107,17 @@ def checkpoint_facts(checkpoint, cfg):
 
 
 def load_text_sets(cfg):
+    from weibo_senti.calibration import calibration_halves
     from weibo_senti.data import load_labelled_csv, split_train_val, strip_emoticons
 
     table, report = load_labelled_csv(cfg.data)
     print(report)
     _, val = split_train_val(table, cfg.val_fraction, cfg.seed, cfg.max_samples)
+    # the calibration error is reported on the half of the validation texts that train.py did not fit temperatures on
+    held_out = val.index.isin(calibration_halves(val, cfg.seed)[1].index)
     sets = {
-        "val": {"texts": val["review"].tolist(), "labels": val["label"].to_numpy()},
-        "val_no_emoticons": {"texts": val["review"].map(strip_emoticons).tolist(), "labels": val["label"].to_numpy()},
+        "val": {"texts": val["review"].tolist(), "labels": val["label"].to_numpy(), "held_out": held_out},
+        "val_no_emoticons": {"texts": val["review"].map(strip_emoticons).tolist(), "labels": val["label"].to_numpy(), "held_out": held_out},
     }
     for extra in filter(None, (e.strip() for e in cfg.extra.split(","))):
         extra_table, extra_report = load_labelled_csv(Path(extra))
@@ -152,7 +159,8 @@ def write_markdown(rows, text_sets, cfg, command, path):
     lines += [
         "",
         "Per class (precision / recall), the confusion matrix `[[true neg -> neg, neg -> pos], [pos -> neg, pos -> pos]]`, and the "
-        "expected calibration error (the mean gap between confidence and accuracy over 10 bins):",
+        "expected calibration error (the mean gap between confidence and accuracy over 10 bins, on the half of the validation "
+        "texts that train.py does not fit the confidence temperature on):",
         "",
         "| method | base model | texts | negative P / R | positive P / R | confusion matrix | calibration error |",
         "|---|---|---|---|---|---|---|",

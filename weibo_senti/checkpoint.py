@@ -198,16 +198,22 @@ def load_checkpoint(directory, expected_method=None):
     return model.eval(), tokenizer, info
 
 
-def model_name(checkpoint):
+def model_name(checkpoint, graph_only=False):
     """What the sink's `model` column records: the checkpoint's method and a digest of its weights and settings, so a
-    retrained checkpoint scores everything again while a rerun of the same one skips what it did."""
+    retrained (or recalibrated) checkpoint scores everything again while a rerun of the same one skips what it did.
+    graph_only: leave out the calibration, which is applied after the network (an ONNX export stays valid)."""
     folder = find_checkpoint(Path(checkpoint))
     if not folder.is_dir():
         return str(checkpoint)  # a hub id
     digest = hashlib.sha256()
     for path in sorted(folder.iterdir()):
-        if path.suffix in (".safetensors", ".bin") or path.name in ("checkpoint.json", "config.json", "adapter_config.json"):
+        if path.suffix in (".safetensors", ".bin") or path.name in (INFO_FILE, "config.json", "adapter_config.json"):
+            content = path.read_bytes()
+            if graph_only and path.name == INFO_FILE:
+                info = json.loads(content)
+                info.pop("calibration", None)
+                content = json.dumps(info, sort_keys=True).encode()
             digest.update(path.name.encode())
-            digest.update(path.read_bytes())
+            digest.update(content)
     method = read_info(folder)["method"] if (folder / "checkpoint.json").is_file() else folder.name
     return f"{method}@{digest.hexdigest()[:12]}"

@@ -13,6 +13,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from . import UserError, cli, training
+from .calibration import temperature_of
 from .checkpoint import atomic_directory, load_checkpoint, require_files
 from .models import HEAD_MODULES, load_base_classifier, quiet_loading
 
@@ -100,6 +101,8 @@ def export_merged(checkpoint_dir, destination):
     if not hasattr(model, "merge_and_unload"):
         raise UserError(f"{checkpoint_dir} is a {info['method']} checkpoint: only LoRA checkpoints (lora, bert_lora) merge into their base")
     merged = model.float().merge_and_unload()
+    # config.json keeps the checkpoint's temperature, which Classifier.load reads (a plain transformers pipeline ignores it)
+    merged.config.calibration_temperature = temperature_of(info)
     with atomic_directory(destination) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -30,9 +30,9 @@ CACHE_ENV_VAR = "WEIBO_SENTI_ONNX_CACHE"  # where exports go when the checkpoint
 
 def cache_folder(checkpoint):
     """<checkpoint>/onnx/<method@digest>/, or under $WEIBO_SENTI_ONNX_CACHE (default ~/.cache/weibo_senti/onnx) when the
-    checkpoint's folder is read-only. The name holds the digest of the weights, so a retrained checkpoint exports anew."""
+    checkpoint's folder is read-only. The name holds the digest of the weights, so a retrained checkpoint exports anew (a recalibrated one does not)."""
     folder = find_checkpoint(Path(checkpoint))
-    name = model_name(folder).replace("@", "-")
+    name = model_name(folder, graph_only=True).replace("@", "-")
     if os.access(folder, os.W_OK):
         return folder / "onnx" / name
     return Path(os.environ.get(CACHE_ENV_VAR, Path.home() / ".cache" / "weibo_senti" / "onnx")) / name

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, pipeline
 
 from . import UserError
+from .calibration import apply_temperature, temperature_of
 from .checkpoint import CheckpointError, atomic_file, find_checkpoint, load_checkpoint, read_info
 from .data import MISSING_TEXT_MARKERS, DataError, read_csv_text, scores
 from .models import MIXED_PRECISIONS, MODELS_DIR, PAD_TO_MULTIPLE_OF, autocast, load_tokenizer, resolve_mixed_precision, resolve_model
@@ -61,12 +62,15 @@ class Classifier:
     """A loaded model with its tokenizer; predict() takes any number of texts and batches them by length."""
 
     def __init__(self, model, tokenizer, max_length, source, use_pipeline=False, clean=False, mixed_precision="no", backend="torch",
-                 checkpoint=None):
+                 checkpoint=None, temperature=1.0):
         """backend: torch, onnx (ONNX Runtime fp32), onnx-int8, or auto (onnx_backend.resolve_backend); the onnx ones
-        export `checkpoint` (a folder) once and keep the export beside it."""
+        export `checkpoint` (a folder) once and keep the export beside it. temperature: what the logits are divided by
+        before the softmax (calibration.py fits it; checkpoint.json keeps it)."""
         if model.config.num_labels != 2:
             raise CheckpointError(f"{source}: a two-class (negative, positive) classifier is needed, it has {model.config.num_labels} labels")
         self.model, self.tokenizer, self.max_length, self.source, self.clean = model.eval(), tokenizer, max_length, source, clean
+        self.temperature = temperature
+        self.adapter_temperatures = {}  # adapter name -> its checkpoint's temperature, for a PeftModel serving several
         # weights stay as they are; 'bf16' runs the forward pass under autocast
         self.precision, self.precision_reason = resolve_mixed_precision(mixed_precision, model.device.type)
         self.onnx, self.backend, self.backend_reason = None, "torch", "as asked"
@@ -132,7 +136,8 @@ class Classifier:
             model, tokenizer, info = load_checkpoint(path, expected_method)
             if merge_lora and hasattr(model, "merge_and_unload"):
                 model = model.merge_and_unload()
-            return cls(model, tokenizer, info["max_length"], f"{path} ({info['method']}, base {info['base_model']})", checkpoint=path, **options)
+            return cls(model, tokenizer, info["max_length"], f"{path} ({info['method']}, base {info['base_model']})", checkpoint=path,
+                       temperature=temperature_of(info), **options)
         if path.is_dir() and not (path / "config.json").is_file():
             raise CheckpointError(f"{path} is neither a checkpoint of this toolkit (no checkpoint.json) nor a classifier folder (no config.json)")
         if not path.is_dir() and (path.is_absolute() or str(location).startswith(".") or "/" not in str(location)):
@@ -145,14 +150,15 @@ class Classifier:
                 "fine-tune it with train.py, or pass a checkpoint folder with --checkpoint"
             )
         model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32)
-        return cls(model, load_tokenizer(folder), DEFAULT_MAX_LENGTH, f"{location} (plain classifier)", checkpoint=folder, **options)
+        return cls(model, load_tokenizer(folder), DEFAULT_MAX_LENGTH, f"{location} (plain classifier)", checkpoint=folder,
+                   temperature=getattr(model.config, "calibration_temperature", 1.0), **options)
 
     def probabilities(self, texts, batch_size=64, adapter_names=None):
         """[n, 2] array of P(negative), P(positive). adapter_names: for a PEFT model holding several adapters, the one
         to score each text with (one batch may mix them)."""
         texts = [clean_text(t) if self.clean else t for t in texts]
         if self.pipeline is not None:
-            return self._pipeline_probabilities(texts, batch_size)
+            return apply_temperature(self._pipeline_probabilities(texts, batch_size), self.temperature)
         return self.probabilities_with(self.onnx, texts, batch_size, adapter_names)
 
     def probabilities_with(self, onnx_model, texts, batch_size=64, adapter_names=None, precision=None):
@@ -175,8 +181,13 @@ class Classifier:
                     if adapter_names is not None:
                         encoded["adapter_names"] = [adapter_names[i] for i in chunk]
                     logits = self.model(**encoded).logits
-                result[chunk] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+                result[chunk] = torch.softmax(logits.float().cpu() / self._temperatures(chunk, adapter_names), dim=-1).numpy()
         return result
+
+    def _temperatures(self, rows, adapter_names):
+        if adapter_names is None:
+            return self.temperature
+        return torch.tensor([[self.adapter_temperatures.get(adapter_names[i], self.temperature)] for i in rows])
 
     def _pipeline_probabilities(self, texts, batch_size):
         label2id = self.model.config.label2id

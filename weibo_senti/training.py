@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, get_lin
 
 from . import UserError, repo_relative
 from .cli import as_flags, check_ranges
+from .calibration import calibrate_checkpoint
 from .checkpoint import (
     BASE_FAMILY,
     LOCK_FILE,
@@ -404,4 +405,6 @@ def _run(cfg, method_name, accelerator, why):
                 say(f"new best, saved to {best_dir}")
         accelerator.wait_for_everyone()
     say(f"best validation macro-F1 {best_f1:.4f}; checkpoint: {best_dir}")
+    if accelerator.is_main_process:
+        calibrate_checkpoint(best_dir, val_rows, cfg.seed, cfg.batch_size * 2, say)
     return log
