@@ -55,6 +55,21 @@ def test_no_tag_errors_reports_accuracy_by_length_and_the_surest_errors(trained,
     assert 0 <= report["expected_calibration_error_without_tags"] <= 0.5
 
 
+def test_length_bench_scores_the_longest_texts_at_each_cut(trained, weibo_csv, tmp_path):
+    checkpoint = trained("bert_lora")[0] / "best"
+    out = tmp_path / "length"
+    result = run_script(REPO_ROOT / "bench" / "length.py", "--checkpoint", checkpoint, "--data", weibo_csv, "--lengths", "8,64",
+                        "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
+    assert [row["max_length"] for row in report["by_length"]] == [8, 64] and report["tokens_without_tags"]["scored_texts"] == 4
+    for row in report["by_length"]:
+        assert set(row) == {"max_length", "without_tags", "with_tags", "joined"}
+        assert all(0 <= row[name]["accuracy"] <= 1 and row[name]["texts_per_second"] > 0 for name in ("without_tags", "with_tags", "joined"))
+    assert report["cpu"]["kind"] in ("bf16", "vnni", "avx2", "other")
+    assert "| max_length |" in out.with_suffix(".md").read_text(encoding="utf-8")
+
+
 def test_expected_calibration_error_is_the_gap_between_confidence_and_accuracy():
     import numpy as np
 
