@@ -50,7 +50,7 @@ def main(cfg):
         joined.append("".join(without_tags.iloc[[row, *generator.choice(same_label, cfg.joined - 1, replace=False)]]))
     joined_tokens = np.array([len(ids) for ids in classifier.tokenizer(joined)["input_ids"]])
     result = {
-        "command": "python bench/length.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python bench/length.py", *sys.argv[1:]]),
         "checkpoint": repo_relative(cfg.checkpoint),
         "runs_as": classifier.runs_as,
         "cpu": cpu(),
@@ -62,6 +62,7 @@ def main(cfg):
         },
         "by_length": [],
     }
+    classifier.probabilities(joined[:cfg.batch_size], cfg.batch_size)  # warm-up, so that the first cut's texts/s is not the slowest
     for length in (int(value) for value in cfg.lengths.split(",")):
         classifier.max_length = length
         row = {"max_length": length}
