@@ -34,7 +34,8 @@ def measure(checkpoint, text_sets, batch_size, single_texts, runtime):
     """Runs in a child process, so that its peak memory is this model's alone."""
     import torch
 
-    from weibo_senti.data import detailed_scores, expected_calibration_error
+    from weibo_senti.calibration import calibration_error
+    from weibo_senti.data import detailed_scores
     from weibo_senti.predict import Classifier
 
     classifier = Classifier.load(checkpoint, **runtime)
@@ -48,8 +49,7 @@ def measure(checkpoint, text_sets, batch_size, single_texts, runtime):
         result["scores"][name] = detailed_scores(data["labels"], probabilities.argmax(axis=1), probabilities)
         if "held_out" in data:
             held_out = data["held_out"]
-            result["scores"][name]["calibration_error"] = expected_calibration_error(
-                probabilities[held_out].max(axis=1), probabilities[held_out].argmax(axis=1) == data["labels"][held_out])
+            result["scores"][name]["calibration_error"] = calibration_error(probabilities[held_out], data["labels"][held_out])
         if name == "val":
             result["batched_texts_per_second"] = len(data["texts"]) / seconds
     singles = []

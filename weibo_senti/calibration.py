@@ -47,7 +47,8 @@ def fit_temperature(probabilities, labels):
     return float(np.exp(minimize_scalar(loss, bounds=(low, high), method="bounded").x))
 
 
-def _error(probabilities, labels):
+def calibration_error(probabilities, labels):
+    """The expected calibration error of [n, 2] probabilities against 0/1 labels."""
     return expected_calibration_error(probabilities.max(axis=1), probabilities.argmax(axis=1) == np.asarray(labels))
 
 
@@ -65,8 +66,8 @@ def calibrate(classifier, val_rows, seed, batch_size=64):
         for name, texts in (("without_tags", held_out["review"].map(strip_emoticons)), ("with_tags", held_out["review"])):
             probabilities = classifier.probabilities(texts.tolist(), batch_size)
             errors[name] = {
-                "before": round(_error(probabilities, held_out["label"]), 4),
-                "after": round(_error(apply_temperature(probabilities, temperature), held_out["label"]), 4),
+                "before": round(calibration_error(probabilities, held_out["label"]), 4),
+                "after": round(calibration_error(apply_temperature(probabilities, temperature), held_out["label"]), 4),
             }
     finally:
         classifier.temperature = kept
