@@ -29,15 +29,20 @@ def calibration_halves(val_rows, seed):
     return train_test_split(val_rows, test_size=0.5, stratify=stratify, random_state=seed)
 
 
+def _logits(probabilities):
+    """The logits up to one constant per row, which the softmax ignores: log p."""
+    return np.log(np.clip(np.asarray(probabilities, dtype=np.float64), 1e-30, None))
+
+
 def apply_temperature(probabilities, temperature):
-    """softmax(logits / T), from softmax(logits): log p differs from the logits by one constant per row."""
-    log_p = np.log(np.clip(np.asarray(probabilities, dtype=np.float64), 1e-30, None))
-    return np.exp(log_softmax(log_p / np.asarray(temperature, dtype=np.float64).reshape(-1, 1), axis=1)).astype(np.float32)
+    """softmax(logits / T), from softmax(logits)."""
+    scaled = _logits(probabilities) / np.asarray(temperature, dtype=np.float64).reshape(-1, 1)
+    return np.exp(log_softmax(scaled, axis=1)).astype(np.float32)
 
 
 def fit_temperature(probabilities, labels):
     """The T in TEMPERATURE_RANGE that minimises the negative log-likelihood of `labels` (probabilities at T = 1)."""
-    log_p = np.log(np.clip(np.asarray(probabilities, dtype=np.float64), 1e-30, None))
+    log_p = _logits(probabilities)
     rows, labels = np.arange(len(log_p)), np.asarray(labels)
 
     def loss(log_t):
