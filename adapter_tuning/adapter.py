@@ -72,7 +72,7 @@ def _trainable_names(model):
 
 
 def build(base_path, tokenizer, settings, weights_from=None):
-    model, not_in_base = load_base_classifier(base_path, tokenizer, settings.get("base_layers", 0))
+    model, not_in_base = load_base_classifier(base_path, tokenizer, settings)
     blocks, wrapper = _blocks(model)
     for parameter in model.parameters():
         parameter.requires_grad = False

@@ -23,6 +23,11 @@ GROUP_BY_LENGTH = True  # batch texts of similar length together: less padding, 
 EMOTICON_DROP = 0.5  # probability that a training text is shown without its [...] emoticon tags (0 = off)
 MIXED_PRECISION = "auto"  # auto (bf16 where the CPU or GPU computes it natively, else fp32), no, bf16 or fp16 (CUDA only)
 BASE_LAYERS = 0  # keep only the base's first N transformer layers (0 = all): a smaller, faster student (DistilBERT's recipe)
+POOLING = "cls"  # what the head reads: cls (BERT's pooler on [CLS], GPT-2's last token) or mean (the mean of the token vectors, BERT-family bases; e5's way)
+TEXT_PREFIX = ""  # put before every text, in training and prediction alike ("passage: " is e5's for texts)
+LINEAR_PROBE = 0  # LP-FT: first fit the head on the frozen model's features of this many training texts (0 = off)
+WISE_ALPHAS = ""  # WiSE-FT (needs LINEAR_PROBE): scales of the update to try, e.g. "0,0.25,0.5,0.75" ("" = off; 1 is always tried)
+WISE_TOLERANCE = 0.003  # WiSE-FT keeps the smallest alpha within this much validation accuracy without tags of the best
 TEACHER = ""  # a trained checkpoint to distil from: the loss adds a KL term to its softened probabilities ("" = off)
 DISTILL_WEIGHT = 0.5  # with TEACHER: share of the loss that is the KL term to the teacher (the rest: cross-entropy on the labels)
 DISTILL_TEMPERATURE = 2.0  # with TEACHER: temperature that softens both models' probabilities in the KL term
@@ -39,7 +44,7 @@ def settings(cfg):
 
 def build(base_path, tokenizer, settings, weights_from=None):
     # a saved checkpoint's config already holds its number of layers
-    model, _ = load_base_classifier(weights_from or base_path, tokenizer, 0 if weights_from else settings.get("base_layers", 0))
+    model, _ = load_base_classifier(weights_from or base_path, tokenizer, {**settings, "base_layers": 0} if weights_from else settings)
     return model  # every parameter trains
 
 

@@ -173,7 +173,7 @@ def inference_overheads(model_path, texts, repeats):
         if "lora_B" in name:
             torch.nn.init.normal_(parameter, std=0.02)
     models = {
-        "base": load_base_classifier(model_path, tokenizer)[0],
+        "base": load_base_classifier(model_path, tokenizer, {})[0],
         "adapter": adapter.build(model_path, tokenizer, ADAPTER_SETTINGS),
         "lora_unmerged": lora_model,
     }

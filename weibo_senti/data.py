@@ -228,22 +228,26 @@ class EncodedTexts(torch.utils.data.Dataset):
     emoticon_drop > 0: each time a text is drawn, with that probability it comes without its emoticon tags, so the
     model cannot lean on the tags alone (the labels of weibo_senti_100k were derived from them).
     teacher_tokenizer: each item also carries the same text (tags dropped or not alike) in a teacher's own token ids,
-    as teacher_input_ids, for knowledge distillation."""
+    as teacher_input_ids, for knowledge distillation.
+    text_prefix, teacher_prefix: put before every text the model (the teacher) reads, e.g. e5's "passage: "."""
 
-    def __init__(self, texts, labels, tokenizer, max_length, emoticon_drop=0.0, teacher_tokenizer=None):
+    def __init__(self, texts, labels, tokenizer, max_length, emoticon_drop=0.0, teacher_tokenizer=None, text_prefix="", teacher_prefix=""):
         texts = list(texts)
         stripped = [strip_emoticons(text) for text in texts] if emoticon_drop > 0 else None
         self.labels = list(labels) if labels is not None else None
         self.emoticon_drop = emoticon_drop
-        self.ids = {"input_ids": self._encoded(tokenizer, texts, stripped, max_length)}
+        self.ids = {"input_ids": self._encoded(tokenizer, texts, stripped, max_length, text_prefix)}
         if teacher_tokenizer is not None:
-            self.ids["teacher_input_ids"] = self._encoded(teacher_tokenizer, texts, stripped, max_length)
+            self.ids["teacher_input_ids"] = self._encoded(teacher_tokenizer, texts, stripped, max_length, teacher_prefix)
         self.input_ids = self.ids["input_ids"][0]
 
     @staticmethod
-    def _encoded(tokenizer, texts, stripped, max_length):
+    def _encoded(tokenizer, texts, stripped, max_length, prefix):
         """(ids of the texts, ids of the texts without tags or None)"""
-        return encode_compactly(tokenizer, texts, max_length), stripped and encode_compactly(tokenizer, stripped, max_length)
+        def encode(some):
+            return encode_compactly(tokenizer, [prefix + text for text in some] if prefix else some, max_length)
+
+        return encode(texts), stripped and encode(stripped)
 
     def __len__(self):
         return len(self.input_ids)

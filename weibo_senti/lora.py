@@ -15,7 +15,7 @@ from transformers.pytorch_utils import Conv1D
 from . import UserError, cli, training
 from .calibration import temperature_of
 from .checkpoint import atomic_directory, load_checkpoint, require_files
-from .models import HEAD_MODULES, load_base_classifier, quiet_loading
+from .models import BASE_SETTINGS, HEAD_MODULES, load_base_classifier, quiet_loading
 
 
 def settings(cfg):
@@ -40,7 +40,7 @@ def check(model, settings):
 
 
 def build(base_path, tokenizer, settings, weights_from=None):
-    base, not_in_base = load_base_classifier(base_path, tokenizer, settings.get("base_layers", 0))
+    base, not_in_base = load_base_classifier(base_path, tokenizer, settings)
     if weights_from is not None:
         require_files(weights_from, "adapter_config.json", "adapter_model.safetensors")  # PEFT's names
         with quiet_loading():
@@ -49,7 +49,7 @@ def build(base_path, tokenizer, settings, weights_from=None):
         task_type=TaskType.SEQ_CLS,
         fan_in_fan_out=base.config.model_type == "gpt2",  # GPT-2's c_attn / c_proj are Conv1D (weights stored transposed)
         modules_to_save=[*HEAD_MODULES, *not_in_base],
-        **{key: value for key, value in settings.items() if key != "base_layers"},
+        **{key: value for key, value in settings.items() if key not in BASE_SETTINGS},
     )
     with quiet_loading():
         return get_peft_model(base, config)
@@ -101,8 +101,10 @@ def export_merged(checkpoint_dir, destination):
     if not hasattr(model, "merge_and_unload"):
         raise UserError(f"{checkpoint_dir} is a {info['method']} checkpoint: only LoRA checkpoints (lora, bert_lora) merge into their base")
     merged = model.float().merge_and_unload()
-    # config.json keeps the checkpoint's temperature, which Classifier.load reads (a plain transformers pipeline ignores it)
+    # config.json keeps the checkpoint's temperature and mean pooling (classifier_pooling), which Classifier.load reads and applies
+    # (transformers alone ignores them)
     merged.config.calibration_temperature = temperature_of(info)
+    merged.config.text_prefix = info.get("text_prefix", "")  # and the prefix the texts were trained with
     with atomic_directory(destination) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

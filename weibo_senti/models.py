@@ -18,6 +18,7 @@ from transformers.utils import logging as hf_logging
 
 from . import FINE_TUNING_DEFAULTS_FILE, REPO_ROOT, UserError, repo_relative
 from .data import LABEL_NAMES
+from .pooling import use_mean_pooling
 
 MODELS_DIR = REPO_ROOT / "models"
 # the embedded defaults, pretrained by models/pretrain.py, used when a hub model cannot be had
@@ -175,11 +176,18 @@ def quiet_loading():
             hf_logging.enable_progress_bar()
 
 
-def load_base_classifier(base_path, tokenizer, layers=0):
+POOLINGS = ("cls", "mean")
+# what method_settings may hold besides a method's own settings: how the base is cut and read
+BASE_SETTINGS = ("base_layers", "pooling")
+
+
+def load_base_classifier(base_path, tokenizer, settings):
     """The base model with a fresh two-class head, in float32, and the names of the modules whose weights the base
     checkpoint lacks besides the head (BERT's pooler when the base was saved as BertForMaskedLM). Those start random
     at every load, so the methods train and save them with the head; otherwise a reload would not match.
-    layers: keep only the base's first `layers` transformer layers (0: all), a smaller student (DistilBERT's recipe)."""
+    settings (the method's): base_layers keeps only the base's first N transformer layers (0: all), a smaller student
+    (DistilBERT's recipe); pooling "mean" makes the head read the mean of the token vectors (pooling.py), not [CLS]."""
+    layers = settings.get("base_layers", 0)
     options = {"num_hidden_layers": layers} if layers else {}
     with quiet_loading():
         model, loading = AutoModelForSequenceClassification.from_pretrained(
@@ -192,10 +200,13 @@ def load_base_classifier(base_path, tokenizer, layers=0):
             output_loading_info=True,
             **options,
         )
+    if settings.get("pooling", "cls") == "mean":
+        use_mean_pooling(model)
     # PEFT records these as the base (adapter_config.json, README.md): inside the repository, relative, so any clone finds it
     model.name_or_path = model.config.name_or_path = repo_relative(base_path)
     missing = {key.rsplit(".", 1)[0] for key in loading["missing_keys"]}
-    return model, sorted(name for name in missing if name.split(".")[0] not in HEAD_MODULES)
+    present = {name for name, _ in model.named_modules()}
+    return model, sorted(name for name in missing & present if name.split(".")[0] not in HEAD_MODULES)
 
 
 def load_tokenizer(model_path):

@@ -1,5 +1,6 @@
 """Score Weibo posts: the interactive console of the original scripts, or --text / --file / stdin in batches."""
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -16,7 +17,8 @@ from . import UserError
 from .calibration import apply_temperature, temperature_of
 from .checkpoint import CheckpointError, atomic_file, find_checkpoint, load_checkpoint, read_info
 from .data import MISSING_TEXT_MARKERS, DataError, read_csv_text, scores
-from .models import MIXED_PRECISIONS, MODELS_DIR, PAD_TO_MULTIPLE_OF, autocast, load_tokenizer, resolve_mixed_precision, resolve_model
+from .models import MIXED_PRECISIONS, MODELS_DIR, PAD_TO_MULTIPLE_OF, autocast, load_tokenizer, quiet_loading, resolve_mixed_precision, resolve_model
+from .pooling import use_mean_pooling
 
 BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
 BACKEND_HELP = (
@@ -62,14 +64,15 @@ class Classifier:
     """A loaded model with its tokenizer; predict() takes any number of texts and batches them by length."""
 
     def __init__(self, model, tokenizer, max_length, source, use_pipeline=False, clean=False, mixed_precision="no", backend="torch",
-                 checkpoint=None, temperature=1.0):
+                 checkpoint=None, temperature=1.0, text_prefix=""):
         """backend: torch, onnx (ONNX Runtime fp32), onnx-int8, or auto (onnx_backend.resolve_backend); the onnx ones
         export `checkpoint` (a folder) once and keep the export beside it. temperature: what the logits are divided by
-        before the softmax (calibration.py fits it; checkpoint.json keeps it)."""
+        before the softmax (calibration.py fits it; checkpoint.json keeps it). text_prefix: put before every text, as
+        the model was trained (e5's "passage: ")."""
         if model.config.num_labels != 2:
             raise CheckpointError(f"{source}: a two-class (negative, positive) classifier is needed, it has {model.config.num_labels} labels")
         self.model, self.tokenizer, self.max_length, self.source, self.clean = model.eval(), tokenizer, max_length, source, clean
-        self.temperature = temperature
+        self.temperature, self.text_prefix = temperature, text_prefix
         self.adapter_temperatures = {}  # adapter name -> its checkpoint's temperature, for a PeftModel serving several
         # weights stay as they are; 'bf16' runs the forward pass under autocast
         self.precision, self.precision_reason = resolve_mixed_precision(mixed_precision, model.device.type)
@@ -137,26 +140,30 @@ class Classifier:
             if merge_lora and hasattr(model, "merge_and_unload"):
                 model = model.merge_and_unload()
             return cls(model, tokenizer, info["max_length"], f"{path} ({info['method']}, base {info['base_model']})", checkpoint=path,
-                       temperature=temperature_of(info), **options)
+                       temperature=temperature_of(info), text_prefix=info.get("text_prefix", ""), **options)
         if path.is_dir() and not (path / "config.json").is_file():
             raise CheckpointError(f"{path} is neither a checkpoint of this toolkit (no checkpoint.json) nor a classifier folder (no config.json)")
         if not path.is_dir() and (path.is_absolute() or str(location).startswith(".") or "/" not in str(location)):
             raise CheckpointError(f"no checkpoint at {path}: train one first (python <method>/train.py) or pass --checkpoint PATH")
         folder = resolve_model(str(location))
-        architectures = AutoConfig.from_pretrained(folder).architectures or []
+        config = AutoConfig.from_pretrained(folder)
+        architectures = config.architectures or []
         if not any(name.endswith("ForSequenceClassification") for name in architectures):
             raise CheckpointError(
                 f"{folder} is a base model ({', '.join(architectures) or 'no architecture recorded'}), not a trained classifier: "
                 "fine-tune it with train.py, or pass a checkpoint folder with --checkpoint"
             )
-        model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32)
+        with quiet_loading() if getattr(config, "classifier_pooling", "cls") == "mean" else contextlib.nullcontext():
+            model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32)  # a mean-pooled one has no pooler
+        if getattr(config, "classifier_pooling", "cls") == "mean":
+            use_mean_pooling(model)
         return cls(model, load_tokenizer(folder), DEFAULT_MAX_LENGTH, f"{location} (plain classifier)", checkpoint=folder,
-                   temperature=getattr(model.config, "calibration_temperature", 1.0), **options)
+                   temperature=getattr(config, "calibration_temperature", 1.0), text_prefix=getattr(config, "text_prefix", ""), **options)
 
     def probabilities(self, texts, batch_size=64, adapter_names=None):
         """[n, 2] array of P(negative), P(positive). adapter_names: for a PEFT model holding several adapters, the one
         to score each text with (one batch may mix them)."""
-        texts = [clean_text(t) if self.clean else t for t in texts]
+        texts = [self.text_prefix + (clean_text(t) if self.clean else t) for t in texts]
         if self.pipeline is not None:
             return apply_temperature(self._pipeline_probabilities(texts, batch_size), self.temperature)
         return self.probabilities_with(self.onnx, texts, batch_size, adapter_names)

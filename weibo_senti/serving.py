@@ -28,6 +28,7 @@ from . import UserError, repo_relative
 from .cli import check_ranges
 from .calibration import temperature_of
 from .checkpoint import CheckpointError, base_model_of, find_checkpoint, model_name, read_info
+from .models import BASE_SETTINGS
 from .predict import Classifier, clean_text, runtime_options, text_problem
 
 log = logging.getLogger("weibo_senti.serving")
@@ -114,14 +115,16 @@ def shown_path(path):
 
 
 def load_models(checkpoints, runtime):
-    """[(name, path)] -> {name: Served}. A LoRA checkpoint whose base (and max length) an earlier one already loaded
+    """[(name, path)] -> {name: Served}. A LoRA checkpoint whose base (read alike) an earlier one already loaded
     becomes one more adapter of that model (PeftModel.load_adapter) instead of a second copy of the base; one alone on
     its base is merged into it. runtime: Classifier options (mixed_precision, backend)."""
     entries = []
     for name, path in checkpoints:
         folder = find_checkpoint(path)
         info = read_info(folder) if (folder / "checkpoint.json").is_file() else {}
-        key = (str(base_model_of(info).resolve()), info["max_length"]) if info.get("method") in SHARES_BASE else None
+        # only checkpoints that read the same base the same way share it: its layers, its pooling, the texts' prefix
+        key = (str(base_model_of(info).resolve()), info["max_length"], info.get("text_prefix", ""),
+               *(info["method_settings"].get(setting) for setting in BASE_SETTINGS)) if info.get("method") in SHARES_BASE else None
         entries.append((name, path, folder, info, key))
     keys = [key for *_, key in entries]
     served, shared = {}, {}

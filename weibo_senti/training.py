@@ -8,6 +8,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -30,8 +31,10 @@ from .checkpoint import (
     BASE_FAMILY,
     LOCK_FILE,
     LOG_FILE,
+    INFO_FILE,
     CheckpointError,
     TRAINING_STATE_FILE,
+    atomic_directory,
     find_checkpoint,
     method_module,
     read_info,
@@ -41,7 +44,8 @@ from .checkpoint import (
 from .data import (
     LABEL_NAMES, EncodedTexts, LengthGroupedBatches, detailed_scores, load_labelled_csv, make_collate, split_train_val, strip_emoticons,
 )
-from .models import MINI_MODELS, OFFLINE_IMPORTS, PAD_TO_MULTIPLE_OF, fine_tuning_defaults, load_tokenizer, resolve_mixed_precision, resolve_model
+from .lpft import PROBE_FILE, choose_alpha, fit_linear_probe, interpolate, load_probe_state, parse_alphas, save_probe_state, trainable_tensors
+from .models import MINI_MODELS, OFFLINE_IMPORTS, PAD_TO_MULTIPLE_OF, POOLINGS, fine_tuning_defaults, load_tokenizer, resolve_mixed_precision, resolve_model
 
 # settings that must not change between a run and its --resume
 RUN_IDENTITY = (
@@ -50,6 +54,7 @@ RUN_IDENTITY = (
 )
 # the same, recorded only when set, so that the runs of earlier versions, which had none of them, still resume
 DISTILLATION_IDENTITY = ("teacher", "distill_weight", "distill_temperature")
+RECIPE_IDENTITY = ("text_prefix", "linear_probe")
 
 
 def count_parameters(model):
@@ -83,14 +88,16 @@ def evaluate(model, loader, accelerator):
 
 def _run_identity(cfg):
     # a path inside the repository is recorded relative to it, so the record names no folder of this machine
-    keys = [*RUN_IDENTITY, *(DISTILLATION_IDENTITY if getattr(cfg, "teacher", "") else ())]
+    keys = [*RUN_IDENTITY, *(DISTILLATION_IDENTITY if getattr(cfg, "teacher", "") else ()),
+            *(key for key in RECIPE_IDENTITY if getattr(cfg, key, None))]
     return {key: repo_relative(value) if isinstance(value := getattr(cfg, key), Path) else str(value) for key in keys}
 
 
 def method_settings(cfg, method):
-    """The method's own settings, and base_layers when the base is cut to its first layers (a student)."""
-    layers = getattr(cfg, "base_layers", 0)
-    return {**method.settings(cfg), **({"base_layers": layers} if layers else {})}
+    """The method's own settings, base_layers when the base is cut to its first layers (a student), and pooling when
+    the head reads the mean of the token vectors."""
+    layers, pooling = getattr(cfg, "base_layers", 0), getattr(cfg, "pooling", "cls")
+    return {**method.settings(cfg), **({"base_layers": layers} if layers else {}), **({"pooling": pooling} if pooling != "cls" else {})}
 
 
 def load_teacher(cfg, device):
@@ -125,7 +132,7 @@ def _resume_state(cfg, last_dir, method_name, settings):
                               "checked against these settings. Start again with --overwrite.")
     recorded = {**info["run"], "method": info["method"], "method_settings": info["method_settings"]}
     current = {**_run_identity(cfg), "method": method_name, "method_settings": settings}
-    keys = [*current, *(key for key in DISTILLATION_IDENTITY if key in recorded and key not in current)]
+    keys = [*current, *(key for key in (*DISTILLATION_IDENTITY, *RECIPE_IDENTITY) if key in recorded and key not in current)]
     changed = [f"{key}: {recorded.get(key)} -> {current.get(key)}" for key in keys if recorded.get(key) != current.get(key)]
     if changed:
         raise UserError(f"--resume: these settings differ from the run in {last_dir}: " + "; ".join(changed))
@@ -175,6 +182,9 @@ SETTING_RANGES = {
     "base_layers": (lambda v: v >= 0, "an integer >= 0 (0: all of the base's layers)"),
     "distill_weight": (lambda v: 0 <= v <= 1, "between 0 and 1"),
     "distill_temperature": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "pooling": (lambda v: v in POOLINGS, " or ".join(POOLINGS)),
+    "linear_probe": (lambda v: v >= 0, "an integer >= 0 (0: off)"),
+    "wise_tolerance": (lambda v: 0 <= v < 1, "at least 0 and below 1"),
     "adapter_size": (lambda v: v >= 1, "an integer >= 1"),
     "lora_r": (lambda v: v >= 1, "an integer >= 1"),
     "lora_alpha": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
@@ -198,9 +208,16 @@ def check_against_model(cfg, base_path, method, settings):
     positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     if positions and cfg.max_length > positions:
         raise UserError(f"--max-length {cfg.max_length} (MAX_LENGTH): out of range, {base_path.name} has {positions} positions, so at most {positions}")
+    with torch.device("meta"):
+        skeleton = AutoModelForSequenceClassification.from_config(config)
+    if settings.get("pooling") == "mean" and not hasattr(skeleton.base_model, "pooler"):
+        raise UserError(f"--pooling mean (POOLING): for BERT-family bases, whose head reads a pooled vector; a {config.model_type} "
+                        "model's head reads its last token. Use --pooling cls")
+    if getattr(cfg, "wise_alphas", ""):
+        parse_alphas(cfg.wise_alphas)
+    if getattr(cfg, "wise_alphas", "") and not getattr(cfg, "linear_probe", 0):
+        raise UserError("--wise-alphas (WISE_ALPHAS): WiSE-FT interpolates toward the linear-probe model, so it needs --linear-probe N")
     if hasattr(method, "check"):
-        with torch.device("meta"):
-            skeleton = AutoModelForSequenceClassification.from_config(config)
         method.check(skeleton, settings)
 
 
@@ -233,6 +250,45 @@ def _lock(output_dir):
     except OSError as error:  # a read-only place (after Timeout, which is an OSError too)
         raise UserError(f"--output-dir {output_dir}: cannot be written ({error.strerror or error}); choose another") from None
     return lock
+
+
+def wise_ft(cfg, method, base_path, tokenizer, settings, val_loaders, accelerator, say):
+    """Score best/ at each WiSE-FT alpha on the validation texts without tags, keep the alpha lpft.choose_alpha picks,
+    and save best/ with it applied (the fine-tuned weights, alpha 1, stay in best_finetuned/)."""
+    best_dir = cfg.output_dir / "best"
+    info = read_info(best_dir)
+    model = method.build(base_path, tokenizer, settings, weights_from=best_dir).to(accelerator.device)
+    finetuned = {name: tensor.detach().clone() for name, tensor in trainable_tensors(model).items()}
+    probe = load_probe_state(cfg.output_dir / PROBE_FILE)
+    candidates = []
+    for alpha in parse_alphas(cfg.wise_alphas):
+        if alpha == 1:
+            metrics = {key.removeprefix("val_no_emoticons_"): value for key, value in info["metrics"].items() if key.startswith("val_no_emoticons_")}
+        else:
+            interpolate(model, finetuned, probe, alpha)
+            metrics = evaluate(model, val_loaders["val_no_emoticons"], accelerator)
+        candidates.append({"alpha": alpha, **{key: round(value, 4) for key, value in metrics.items()}})
+        say(f"WiSE-FT alpha {alpha:g}: without emoticons acc {metrics['accuracy']:.4f} recall neg/pos "
+            f"{metrics['recall_negative']:.3f}/{metrics['recall_positive']:.3f}")
+    alpha = choose_alpha(candidates, cfg.wise_tolerance)
+    rule = f"the smallest alpha whose validation accuracy without tags is within {cfg.wise_tolerance:g} of the best"
+    info["wise_ft"] = {"alpha": alpha, "rule": rule, "candidates": candidates}
+    say(f"WiSE-FT: alpha {alpha:g} ({rule})")
+    if alpha < 1:
+        interpolate(model, finetuned, probe, alpha)
+        chosen = next(row for row in candidates if row["alpha"] == alpha)
+        with_tags = evaluate(model, val_loaders["val"], accelerator)
+        info["metrics"] = {**info["metrics"], **{f"val_{key}": value for key, value in with_tags.items()},
+                           **{f"val_no_emoticons_{key}": value for key, value in chosen.items() if key != "alpha"}}
+    if accelerator.is_main_process:
+        if alpha < 1:
+            with atomic_directory(cfg.output_dir / "best_finetuned") as tmp:
+                for file in best_dir.iterdir():
+                    shutil.copy2(file, tmp / file.name)
+            write_checkpoint(best_dir, model, tokenizer, info)
+        else:
+            write_json_atomic(best_dir / INFO_FILE, info)
+    accelerator.wait_for_everyone()
 
 
 def run(cfg, method_name):
@@ -299,8 +355,10 @@ def _run(cfg, method_name, accelerator, why):
         say(method.describe(model))
 
     collate = make_collate(tokenizer.pad_token_id, PAD_TO_MULTIPLE_OF[accelerator.mixed_precision], teacher and teacher.tokenizer.pad_token_id)
+    text_prefix = getattr(cfg, "text_prefix", "")
     train_set = EncodedTexts(
-        train_rows["review"], train_rows["label"], tokenizer, cfg.max_length, cfg.emoticon_drop, teacher and teacher.tokenizer
+        train_rows["review"], train_rows["label"], tokenizer, cfg.max_length, cfg.emoticon_drop, teacher and teacher.tokenizer,
+        text_prefix, teacher and teacher.text_prefix,
     )
     if cfg.group_by_length:
         batches = LengthGroupedBatches([len(ids) for ids in train_set.input_ids], cfg.batch_size)
@@ -309,9 +367,19 @@ def _run(cfg, method_name, accelerator, why):
         train_loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate)
     val_texts = {"val": val_rows["review"], "val_no_emoticons": val_rows["review"].map(strip_emoticons)}
     val_loaders = {
-        name: DataLoader(EncodedTexts(texts, val_rows["label"], tokenizer, cfg.max_length), batch_size=cfg.batch_size * 2, collate_fn=collate)
+        name: DataLoader(EncodedTexts(texts, val_rows["label"], tokenizer, cfg.max_length, text_prefix=text_prefix),
+                         batch_size=cfg.batch_size * 2, collate_fn=collate)
         for name, texts in val_texts.items()
     }
+    probe = None
+    if getattr(cfg, "linear_probe", 0) and resume_dir is None:
+        started = time.perf_counter()
+        fit = fit_linear_probe(model.to(accelerator.device), train_set, collate, cfg.linear_probe, cfg.seed, cfg.batch_size * 2, accelerator.device)
+        probe = {"texts": min(cfg.linear_probe, len(train_set)), "train_accuracy": round(fit, 4), "seconds": round(time.perf_counter() - started, 1)}
+        say(f"linear probe (LP-FT): head fitted on the frozen model's features of {probe['texts']:,} training texts, "
+            f"accuracy on them {fit:.4f} ({probe['seconds']:.0f}s)")
+        if accelerator.is_main_process:
+            save_probe_state(model, cfg.output_dir / PROBE_FILE)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr)
     model, optimizer, train_loader, *prepared_val = accelerator.prepare(model, optimizer, train_loader, *val_loaders.values())
@@ -326,6 +394,8 @@ def _run(cfg, method_name, accelerator, why):
         start_epoch, best_f1 = state["epoch"] + 1, state["best_f1"]
         log = json.loads(log_path.read_text(encoding="utf-8"))[:start_epoch] if log_path.is_file() else []
         say(f"resuming after epoch {start_epoch} of {cfg.epochs} (best validation macro-F1 so far {best_f1:.4f})")
+    if probe is None and resume_dir is not None:
+        probe = read_info(resume_dir).get("linear_probe")
     if start_epoch >= cfg.epochs:
         say(f"nothing to do: the run in {cfg.output_dir} already finished its {cfg.epochs} epochs")
         return log
@@ -339,7 +409,9 @@ def _run(cfg, method_name, accelerator, why):
         "max_length": cfg.max_length,
         "mixed_precision": accelerator.mixed_precision,  # what it trained in; the saved weights stay fp32
         "labels": list(LABEL_NAMES),
+        **({"text_prefix": text_prefix} if text_prefix else {}),
         "run": _run_identity(cfg),
+        **({"linear_probe": probe} if probe else {}),
         "data_rows": {"train": len(train_rows), "val": len(val_rows)},
         "parameters": dict(zip(("total", "trainable"), count_parameters(accelerator.unwrap_model(model)))),
         "versions": {
@@ -405,6 +477,8 @@ def _run(cfg, method_name, accelerator, why):
                 say(f"new best, saved to {best_dir}")
         accelerator.wait_for_everyone()
     say(f"best validation macro-F1 {best_f1:.4f}; checkpoint: {best_dir}")
+    if getattr(cfg, "wise_alphas", ""):
+        wise_ft(cfg, method, base_path, tokenizer, settings, val_loaders, accelerator, say)
     if accelerator.is_main_process:
         calibrate_checkpoint(best_dir, val_rows, cfg.seed, cfg.batch_size * 2, say)
     return log
