@@ -108,6 +108,20 @@ def test_a_base_with_measured_settings_supplies_those_not_given_on_the_command_l
     assert "settings measured best on" in capsys.readouterr().out
 
 
+def test_a_base_with_a_measured_prediction_cut_has_its_checkpoints_predict_at_it(tiny_models, weibo_csv, tmp_path):
+    import shutil
+
+    from weibo_senti.predict import Classifier
+
+    base = shutil.copytree(tiny_models["bert"], tmp_path / "base")
+    (base / "fine_tuning.json").write_text(json.dumps({"predict": {"max_length": 100000}}))  # more than its positions
+    train("bert_lora", base, weibo_csv, tmp_path / "out", "--epochs", "1", "--max-length", "16")
+    info = json.loads((tmp_path / "out" / "best" / "checkpoint.json").read_text())
+    positions = json.loads((base / "config.json").read_text())["max_position_embeddings"]
+    assert info["max_length"] == 16 and info["predict_max_length"] == positions
+    assert Classifier.load(tmp_path / "out" / "best").max_length == positions
+
+
 def test_bf16_training_records_its_precision_and_saves_fp32_weights(tiny_models, weibo_csv, tmp_path):
     train("lora", tiny_models["gpt2"], weibo_csv, tmp_path / "out", "--epochs", "1", "--mixed-precision", "bf16")
     info = json.loads((tmp_path / "out" / "best" / "checkpoint.json").read_text())

@@ -201,7 +201,8 @@ def load_checkpoint(directory, expected_method=None):
 def model_name(checkpoint, graph_only=False):
     """What the sink's `model` column records: the checkpoint's method and a digest of its weights and settings, so a
     retrained (or recalibrated) checkpoint scores everything again while a rerun of the same one skips what it did.
-    graph_only: leave out the calibration, which is applied after the network (an ONNX export stays valid)."""
+    graph_only: leave out the calibration, which is applied after the network, and the prediction cut (an ONNX export
+    stays valid)."""
     folder = find_checkpoint(Path(checkpoint))
     if not folder.is_dir():
         return str(checkpoint)  # a hub id
@@ -212,6 +213,7 @@ def model_name(checkpoint, graph_only=False):
             if graph_only and path.name == INFO_FILE:
                 info = json.loads(content)
                 info.pop("calibration", None)
+                info.pop("predict_max_length", None)  # the export takes any length
                 content = json.dumps(info, sort_keys=True).encode()
             digest.update(path.name.encode())
             digest.update(content)

@@ -60,6 +60,12 @@ def text_problem(text):
     return None
 
 
+def prediction_cut(info):
+    """The tokens a checkpoint's texts are cut at when predicting: checkpoint.json's predict_max_length, where training
+    recorded a longer cut measured better on its base, else the training cut."""
+    return info.get("predict_max_length", info["max_length"])
+
+
 class Classifier:
     """A loaded model with its tokenizer; predict() takes any number of texts and batches them by length."""
 
@@ -139,7 +145,7 @@ class Classifier:
             model, tokenizer, info = load_checkpoint(path, expected_method)
             if merge_lora and hasattr(model, "merge_and_unload"):
                 model = model.merge_and_unload()
-            return cls(model, tokenizer, info["max_length"], f"{path} ({info['method']}, base {info['base_model']})", checkpoint=path,
+            return cls(model, tokenizer, prediction_cut(info), f"{path} ({info['method']}, base {info['base_model']})", checkpoint=path,
                        temperature=temperature_of(info), text_prefix=info.get("text_prefix", ""), **options)
         if path.is_dir() and not (path / "config.json").is_file():
             raise CheckpointError(f"{path} is neither a checkpoint of this toolkit (no checkpoint.json) nor a classifier folder (no config.json)")

@@ -29,7 +29,7 @@ from .cli import check_ranges
 from .calibration import temperature_of
 from .checkpoint import CheckpointError, base_model_of, find_checkpoint, model_name, read_info
 from .models import BASE_SETTINGS
-from .predict import Classifier, clean_text, runtime_options, text_problem
+from .predict import Classifier, clean_text, prediction_cut, runtime_options, text_problem
 
 log = logging.getLogger("weibo_senti.serving")
 SHARES_BASE = ("lora", "bert_lora")  # methods whose checkpoints are PEFT adapters: one base in memory for all of them
@@ -123,7 +123,7 @@ def load_models(checkpoints, runtime):
         folder = find_checkpoint(path)
         info = read_info(folder) if (folder / "checkpoint.json").is_file() else {}
         # only checkpoints that read the same base the same way share it: its layers, its pooling, the texts' prefix
-        key = (str(base_model_of(info).resolve()), info["max_length"], info.get("text_prefix", ""),
+        key = (str(base_model_of(info).resolve()), prediction_cut(info), info.get("text_prefix", ""),
                *(info["method_settings"].get(setting) for setting in BASE_SETTINGS)) if info.get("method") in SHARES_BASE else None
         entries.append((name, path, folder, info, key))
     keys = [key for *_, key in entries]

@@ -156,6 +156,15 @@ def _mixed_precision(cfg):
     return resolve_mixed_precision(choice, "cuda" if torch.cuda.is_available() and not use_cpu else "cpu")
 
 
+def predict_max_length(base_path, max_length):
+    """Where prediction cuts texts: the training cut, or the longer one measured better on this base (its
+    fine_tuning.json's "predict": {"max_length"}; for e5, results/length.md), within the base's positions."""
+    measured = fine_tuning_defaults(base_path, "predict").get("max_length", max_length)
+    config = AutoConfig.from_pretrained(base_path)
+    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or measured
+    return max(max_length, min(measured, positions))
+
+
 def apply_base_defaults(cfg, base_path, method_name):
     """Settings not given on the command line come from what was measured best on this base (its fine_tuning.json):
     the script's constants were chosen for the configured hub model. Returns a line saying what changed."""
@@ -407,6 +416,7 @@ def _run(cfg, method_name, accelerator, why):
         "requested_base_model": str(cfg.model),
         "base_model_path": repo_relative(base_path),
         "max_length": cfg.max_length,
+        **({"predict_max_length": cut} if (cut := predict_max_length(base_path, cfg.max_length)) > cfg.max_length else {}),
         "mixed_precision": accelerator.mixed_precision,  # what it trained in; the saved weights stay fp32
         "labels": list(LABEL_NAMES),
         **({"text_prefix": text_prefix} if text_prefix else {}),
