@@ -70,6 +70,17 @@ def test_length_bench_scores_the_longest_texts_at_each_cut(trained, weibo_csv, t
     assert "| max_length |" in out.with_suffix(".md").read_text(encoding="utf-8")
 
 
+def test_linear_probe_bench_scores_each_prefix_and_pooling(tiny_models, weibo_csv, tmp_path):
+    out = tmp_path / "probe"
+    result = run_script(REPO_ROOT / "bench" / "linear_probe.py", "--model", tiny_models["bert"], "--data", weibo_csv,
+                        "--train-texts", "60", "--val-texts", "20", "--prefixes", "none,query: ", "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))["rows"]
+    assert [(row["prefix"], row["pooling"]) for row in rows] == [("(none)", "cls"), ("(none)", "mean"), ("query: ", "cls"), ("query: ", "mean")]
+    assert all(0 <= row[name]["accuracy"] <= 1 for row in rows for name in ("with_tags", "without_tags"))
+    assert "| `query: ` | mean |" in out.with_suffix(".md").read_text(encoding="utf-8")
+
+
 def test_expected_calibration_error_is_the_gap_between_confidence_and_accuracy():
     import numpy as np
 
