@@ -275,7 +275,8 @@ def wise_ft(cfg, method, base_path, tokenizer, settings, val_loaders, accelerato
             metrics = {key.removeprefix("val_no_emoticons_"): value for key, value in info["metrics"].items() if key.startswith("val_no_emoticons_")}
         else:
             interpolate(model, finetuned, probe, alpha)
-            metrics = evaluate(model, val_loaders["val_no_emoticons"], accelerator)
+            with accelerator.autocast():  # the precision the epochs were scored in, as alpha 1 was
+                metrics = evaluate(model, val_loaders["val_no_emoticons"], accelerator)
         candidates.append({"alpha": alpha, **{key: round(value, 4) for key, value in metrics.items()}})
         say(f"WiSE-FT alpha {alpha:g}: without emoticons acc {metrics['accuracy']:.4f} recall neg/pos "
             f"{metrics['recall_negative']:.3f}/{metrics['recall_positive']:.3f}")
@@ -286,7 +287,8 @@ def wise_ft(cfg, method, base_path, tokenizer, settings, val_loaders, accelerato
     if alpha < 1:
         interpolate(model, finetuned, probe, alpha)
         chosen = next(row for row in candidates if row["alpha"] == alpha)
-        with_tags = evaluate(model, val_loaders["val"], accelerator)
+        with accelerator.autocast():
+            with_tags = evaluate(model, val_loaders["val"], accelerator)
         info["metrics"] = {**info["metrics"], **{f"val_{key}": value for key, value in with_tags.items()},
                            **{f"val_no_emoticons_{key}": value for key, value in chosen.items() if key != "alpha"}}
     if accelerator.is_main_process:
