@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from weibo_senti import cli, scoring  # noqa: E402
-from weibo_senti.predict import Classifier, default_checkpoint, runtime_options  # noqa: E402
+from weibo_senti.predict import Classifier, default_classifier, runtime_options  # noqa: E402
 from weibo_senti.checkpoint import model_name  # noqa: E402
 
 INPUT = ""  # a .csv / .jsonl / .parquet file, a folder or glob of them, or a SQLAlchemy database URL
@@ -46,8 +46,7 @@ def main():
     if cfg.engine not in ("local", "spark"):
         raise scoring.DataError(f"--engine {cfg.engine}: local or spark")
     cli.check_ranges(cfg, {name: (lambda v: v >= 1, "an integer >= 1") for name in ("chunk_rows", "batch_size")})
-    trained = Path(__file__).resolve().parent / "adapter_tuning" / "output" / "best"
-    checkpoint = cfg.checkpoint or default_checkpoint(trained, "adapter_tuning")
+    checkpoint = cfg.checkpoint or default_classifier()[1]
     model = model_name(checkpoint)
     began = time.perf_counter()
     if cfg.engine == "spark":

@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from weibo_senti import cli, serving  # noqa: E402
-from weibo_senti.predict import default_checkpoint  # noqa: E402
+from weibo_senti.predict import default_classifier  # noqa: E402
 
 CHECKPOINT = []  # NAME=PATH of a checkpoint to serve, repeatable; the first is the default (none: adapter_tuning's, trained or shipped: the best measured)
 HOST = "127.0.0.1"  # address to listen on (0.0.0.0: every interface)
@@ -24,11 +24,10 @@ MAX_WAIT_MS = 5.0  # how long a model call waits for more texts to fill its batc
 MAX_QUEUE = 4096  # most texts waiting for the model; beyond it requests get 503 with Retry-After
 REQUEST_TIMEOUT_S = 30.0  # a request not answered within this gets 504
 MAX_TEXTS_PER_REQUEST = 256  # more texts in one request: 413
-MAX_TEXT_CHARS = 5000  # a longer text: 422 (the model reads the first 128 tokens anyway)
+MAX_TEXT_CHARS = 5000  # a longer text: 422 (the model reads its first 512 tokens at most)
 MAX_BODY_BYTES = 1_000_000  # a larger request body: 413
 CACHE_SIZE = 10_000  # results of recent (model, text) pairs kept for repeats (0: no cache)
 LOG_LEVEL = "info"  # uvicorn's log level: debug, info, warning, error
 
 if __name__ == "__main__":
-    trained = Path(__file__).resolve().parent / "adapter_tuning" / "output" / "best"
-    cli.main(lambda: serving.serve(cli.parse_config(globals()), lambda: f"adapter_tuning={default_checkpoint(trained, 'adapter_tuning')}"))
+    cli.main(lambda: serving.serve(cli.parse_config(globals()), lambda: "=".join(map(str, default_classifier()))))

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import tiny
-from conftest import script_config, train
-from weibo_senti import UserError, lora, training
+from conftest import train
+from weibo_senti import UserError, lora
 from weibo_senti.checkpoint import read_info
 from weibo_senti.lpft import choose_alpha, interpolate, parse_alphas
 from weibo_senti.predict import Classifier

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import REPO_ROOT
 
 NEGATIVE, NEUTRAL, POSITIVE = "负面", "中性", "正面"
 TEXT_FIELDS = ("title_or_content", "content", "title", "text")  # tried after text_field, as BettaFish does
@@ -88,10 +87,9 @@ class WeiboSentimentAnalyzer:
                 self.model_id = chosen[0]["model_id"]
             else:
                 from .checkpoint import model_name
-                from .predict import Classifier, default_checkpoint
+                from .predict import Classifier, default_classifier
 
-                trained = REPO_ROOT / "adapter_tuning" / "output" / "best"
-                checkpoint = Path(self.checkpoint) if self.checkpoint else default_checkpoint(trained, "adapter_tuning")
+                checkpoint = Path(self.checkpoint) if self.checkpoint else default_classifier()[1]
                 self.classifier = Classifier.load(checkpoint, mixed_precision=self.mixed_precision)
                 self.model_id = model_name(checkpoint)
         except Exception as error:

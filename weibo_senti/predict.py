@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, pipeline
 
-from . import UserError
+from . import REPO_ROOT, UserError
 from .calibration import apply_temperature, temperature_of
 from .checkpoint import CheckpointError, atomic_file, find_checkpoint, load_checkpoint, read_info
 from .data import MISSING_TEXT_MARKERS, DataError, read_csv_text, scores
@@ -27,7 +27,8 @@ BACKEND_HELP = (
 )
 SENTIMENTS = ("负面情感", "正面情感")  # label 0, label 1, as the original console printed them
 DEFAULT_MAX_LENGTH = 128
-SHIPPED_CLASSIFIERS = MODELS_DIR / "classifiers"  # <method>/: trained on the embedded mini models, committed
+SHIPPED_CLASSIFIERS = MODELS_DIR / "classifiers"  # <method>/: the classifiers committed with the repository
+DEFAULT_METHOD = "adapter_tuning"  # the default classifier's method: the best shipped one without tags (README, Results)
 
 
 def clean_text(text):
@@ -367,6 +368,12 @@ def _write_json_lines(classifier, chunk, out, batch_size):
 
 # characters that end a line for str.splitlines() and many readers, though JSON allows them raw inside a string
 _LINE_BREAKS_ESCAPED = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def default_classifier():
+    """(method, checkpoint) that serve.py, score.py and BettaFish use unless told: DEFAULT_METHOD's own trained
+    output/best, or before one is trained its shipped classifier."""
+    return DEFAULT_METHOD, default_checkpoint(REPO_ROOT / DEFAULT_METHOD / "output" / "best", DEFAULT_METHOD)
 
 
 def default_checkpoint(trained, method):
