@@ -22,6 +22,7 @@ CHECKPOINT = Path("models/classifiers/adapter_tuning")  # a trained checkpoint f
 DATA = Path(os.environ.get("WEIBO_SENTI_DATA", "dataset/weibo_senti_100k.csv"))  # label,review CSV
 VAL_FRACTION = 0.1  # as in train.py
 SEED = 42  # as in train.py
+MAX_SAMPLES = 0  # the validation part of train.py's --max-samples subset of this many rows (0 = all), to match such a run
 LENGTH_BINS = "0,1,5,10,20,40,80"  # lower edges, in characters of the text left without tags
 SURE = 0.9  # an error is "sure" when the wrong class gets at least this probability
 SHOWN = 20  # the surest errors listed in the report
@@ -37,7 +38,7 @@ def _length_bin(low, high):
 def main(cfg):
     table, report = load_labelled_csv(cfg.data)
     print(report)
-    _, val = split_train_val(table, cfg.val_fraction, cfg.seed)
+    _, val = split_train_val(table, cfg.val_fraction, cfg.seed, cfg.max_samples)
     texts = [strip_emoticons(text) for text in val["review"]]
     labels = val["label"].to_numpy()
     positive = Classifier.load(cfg.checkpoint, mixed_precision="auto").probabilities(texts)[:, 1]
@@ -66,6 +67,7 @@ def main(cfg):
         "checkpoint": repo_relative(cfg.checkpoint),
         "texts": len(texts),
         "accuracy_no_tags": round(float(right.mean()), 4),
+        "recall_without_tags": {name: round(float(right[labels == label].mean()), 4) for label, name in enumerate(("negative", "positive"))},
         "errors": int((~right).sum()),
         f"errors_with_wrong_class_p_at_least_{cfg.sure}": sure_errors,
         "accuracy_by_length_without_tags": by_length,
@@ -76,7 +78,8 @@ def main(cfg):
     }
     write_json_atomic(cfg.out.with_suffix(".json"), result)
     lines = [f"`{result['command']}` (checkpoint `{result['checkpoint']}`, {len(texts):,} validation texts, tags removed)", "",
-             f"Accuracy {result['accuracy_no_tags']:.4f}; {result['errors']:,} errors, {sure_errors:,} of them with "
+             f"Accuracy {result['accuracy_no_tags']:.4f} (recall negative {result['recall_without_tags']['negative']:.3f}, positive "
+             f"{result['recall_without_tags']['positive']:.3f}); {result['errors']:,} errors, {sure_errors:,} of them with "
              f"P(wrong class) ≥ {cfg.sure}.", "", "| characters left | texts | accuracy |", "|---|---:|---:|"]
     lines += [f"| {row['characters']} | {row['texts']:,} | {row['accuracy']:.3f} |" for row in by_length]
     lines += ["", f"Mean confidence {result['mean_confidence_without_tags']:.4f} at accuracy {result['accuracy_no_tags']:.4f}; "
