@@ -106,3 +106,19 @@ def test_inference_bench_measures_every_path_and_keys_the_results_by_cpu_kind(tr
     assert paths[0] == "PyTorch fp32" and paths[-2:] == ["ONNX Runtime fp32", "ONNX Runtime int8"]
     assert run["classifiers"][0]["paths"][-2]["without_tags"]["identical_labels"] == 1.0  # fp32 through either runtime
     assert "**auto picks:**" in (tmp_path / "inference.md").read_text(encoding="utf-8")
+
+
+def test_int8_sensitivity_quantizes_each_kind_of_matrix_alone_then_all_then_smoothed(trained, weibo_csv, tmp_path):
+    checkpoint = trained("bert_lora")[0] / "best"
+    out = tmp_path / "int8"
+    result = run_script(REPO_ROOT / "bench" / "int8_sensitivity.py", "--checkpoint", checkpoint, "--data", weibo_csv,
+                        "--texts", "20", "--calibration-texts", "16", "--smooth-alphas", "0.5", "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))["rows"]
+    *alone, everything, smoothed = rows
+    kinds = [row["quantized"] for row in alone]
+    assert "bert/encoder/attention/self/query" in kinds and "bert/encoder/intermediate/dense" in kinds
+    assert everything["matrices"] == smoothed["matrices"] == sum(row["matrices"] for row in alone)
+    assert smoothed["quantized"].endswith("SmoothQuant at a = 0.5")
+    assert all(0 <= row["identical_labels"] <= 1 for row in rows)
+    assert "| int8 on |" in out.with_suffix(".md").read_text(encoding="utf-8")

@@ -1,0 +1,143 @@
+"""Where ONNX Runtime's dynamic int8 loses fp32's labels: each kind of weight matrix quantized alone, then all together,
+then all after SmoothQuant's migration of activation outliers into the weights.
+
+python bench/int8_sensitivity.py                                   # the shipped default, 1,000 validation texts
+python bench/int8_sensitivity.py --checkpoint models/classifiers/bert_lora --texts 2000
+
+A kind is a weight MatMul / Gemm of the exported graph named without its layer number (attention/self/query, intermediate/
+dense, ...). For each, only the matrices of that kind are quantized (per-channel QInt8 weights, activations per tensor
+at run time, as onnx_backend does for all of them), and the labels and P(positive) of the validation texts without tags
+are compared with PyTorch fp32's. The texts without tags are the near-even ones where a small change flips a label.
+SmoothQuant (Xiao et al., ICML 2023): each matrix's input channel j is divided by s_j = max|x_j|^a / max|W_j|^(1-a)
+(x's peak over CALIBRATION_TEXTS training texts) and its weights multiplied by it, so the product is unchanged in fp32.
+Writes results/int8_sensitivity.{json,md}.
+"""
+import copy
+import logging
+import os
+import re
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from weibo_senti import cli, repo_relative  # noqa: E402
+from weibo_senti.checkpoint import write_json_atomic  # noqa: E402
+
+import torch  # noqa: E402
+
+CHECKPOINT = Path("models/classifiers/adapter_tuning")  # a trained checkpoint folder
+DATA = Path(os.environ.get("WEIBO_SENTI_DATA", "dataset/weibo_senti_100k.csv"))  # label,review CSV; its validation split is used
+TEXTS = 1000  # validation texts (the first of train.py's split), tags removed
+SMOOTH_ALPHAS = "0.5,0.75"  # SmoothQuant's migration strengths a to try ("" = none)
+CALIBRATION_TEXTS = 256  # training texts, tags removed, whose activation peaks SmoothQuant divides by
+OUT = Path("results/int8_sensitivity")  # .json and .md
+
+
+def weight_kinds(onnx_path):
+    """{kind: [node names]} of the MatMul / Gemm nodes whose second input is a stored weight."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    weights = {initializer.name for initializer in graph.initializer}
+    kinds = defaultdict(list)
+    for node in graph.node:
+        if node.op_type in ("MatMul", "Gemm") and node.input[1] in weights:
+            kind = re.sub(r"^/model/|/(MatMul|Gemm)(_\d+)?$", "", re.sub(r"(layers?|h)\.\d+/", "", node.name))
+            kinds[kind].append(node.name)
+    return dict(kinds)
+
+
+class _Smoothed(torch.nn.Module):
+    def __init__(self, inner, inverse_scale):
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("inverse_scale", inverse_scale)
+
+    def forward(self, x):
+        return self.inner(x * self.inverse_scale)
+
+
+def smoothed_copy(classifier, texts, alpha):
+    """A copy of the classifier's model with SmoothQuant's scales at strength `alpha` on every Linear / Conv1D."""
+    from transformers.pytorch_utils import Conv1D
+
+    model = copy.deepcopy(classifier.model)
+    layers = {name: module for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, Conv1D))}
+    peaks = {}
+
+    def recorder(name):
+        def record(module, args):
+            x = args[0].detach().float()
+            peak = x.reshape(-1, x.shape[-1]).abs().amax(0)
+            peaks[name] = torch.maximum(peaks[name], peak) if name in peaks else peak
+        return record
+
+    handles = [module.register_forward_pre_hook(recorder(name)) for name, module in layers.items()]
+    calibrating = copy.copy(classifier)
+    calibrating.model = model
+    calibrating.probabilities_with(None, texts, precision="no")
+    for handle in handles:
+        handle.remove()
+    for name, module in layers.items():
+        input_axis = 1 if isinstance(module, torch.nn.Linear) else 0  # Conv1D keeps its weight as [in, out]
+        weight_peak = module.weight.data.abs().amax(1 - input_axis)
+        scale = peaks[name].clamp(min=1e-5) ** alpha / weight_peak.clamp(min=1e-5) ** (1 - alpha)
+        module.weight.data *= scale[None, :] if input_axis == 1 else scale[:, None]
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, _Smoothed(module, 1 / scale))
+    return model
+
+
+def main():
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from weibo_senti.data import load_labelled_csv, split_train_val, strip_emoticons
+    from weibo_senti.onnx_backend import OnnxModel, _export, fidelity
+    from weibo_senti.predict import Classifier
+
+    cfg = cli.parse_config(globals())
+    train, val = split_train_val(load_labelled_csv(cfg.data)[0], 0.1, 42)
+    texts = [strip_emoticons(text) for text in val["review"][: cfg.texts]]
+    calibration = [strip_emoticons(text) for text in train["review"][: cfg.calibration_texts]]
+    classifier = Classifier.load(cfg.checkpoint, mixed_precision="no")
+    reference = classifier.probabilities_with(None, texts, precision="no")
+    logging.getLogger().setLevel(logging.ERROR)  # the quantizer's advice to pre-process, which is for static quantization
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        fp32, int8 = Path(workdir) / "model.onnx", Path(workdir) / "int8.onnx"
+
+        def measure(what, matrices, nodes=None):
+            quantize_dynamic(str(fp32), str(int8), per_channel=True, weight_type=QuantType.QInt8,
+                             **({"nodes_to_quantize": nodes} if nodes else {}))
+            probabilities = classifier.probabilities_with(OnnxModel(int8), texts, precision="no")
+            changed = reference.argmax(axis=1) != probabilities.argmax(axis=1)
+            rows.append({"quantized": what, "matrices": matrices, **fidelity(reference, probabilities),
+                         "largest_fp32_confidence_of_a_changed_label": float(reference[changed].max()) if changed.any() else None})
+            print(f"{what}: {rows[-1]['identical_labels']:.1%} identical labels", file=sys.stderr)
+
+        _export(classifier.model, classifier.tokenizer, fp32)
+        kinds = weight_kinds(fp32)
+        for kind, nodes in kinds.items():
+            measure(kind, len(nodes), nodes)
+        everything = sum(map(len, kinds.values()))
+        measure("all of them (what --backend onnx-int8 runs)", everything)
+        for alpha in [float(a) for a in cfg.smooth_alphas.split(",") if a.strip()]:
+            _export(smoothed_copy(classifier, calibration, alpha), classifier.tokenizer, fp32)
+            measure(f"all of them, after SmoothQuant at a = {alpha}", everything)
+    result = {"command": "python bench/int8_sensitivity.py " + " ".join(sys.argv[1:]), "checkpoint": repo_relative(cfg.checkpoint),
+              "texts": len(texts), "of": "validation texts without tags, against PyTorch fp32", "rows": rows}
+    write_json_atomic(cfg.out.with_suffix(".json"), result)
+    lines = [f"`{result['command'].strip()}` (checkpoint `{result['checkpoint']}`, {len(texts):,} validation texts without tags)", "",
+             "| int8 on | matrices | identical labels | largest change of P(positive) | fp32's highest confidence on a changed label |",
+             "|---|---:|---:|---:|---:|"]
+    lines += [f"| {row['quantized']} | {row['matrices']} | {row['identical_labels']:.1%} | {row['max_change_prob_positive']:.3f} | "
+              f"{'' if row['largest_fp32_confidence_of_a_changed_label'] is None else format(row['largest_fp32_confidence_of_a_changed_label'], '.3f')} |"
+              for row in rows]
+    cfg.out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    cli.main(main)
