@@ -122,3 +122,16 @@ def test_int8_sensitivity_quantizes_each_kind_of_matrix_alone_then_all_then_smoo
     assert smoothed["quantized"].endswith("SmoothQuant at a = 0.5")
     assert all(0 <= row["identical_labels"] <= 1 for row in rows)
     assert "| int8 on |" in out.with_suffix(".md").read_text(encoding="utf-8")
+
+
+def test_onnx_profile_sums_each_operators_time_for_fp32_and_int8(trained, weibo_csv, tmp_path):
+    import shutil
+
+    checkpoint = shutil.copytree(trained("bert_lora")[0] / "best", tmp_path / "bert_lora")
+    out = tmp_path / "profile"
+    result = run_script(REPO_ROOT / "bench" / "onnx_profile.py", "--checkpoint", checkpoint, "--data", weibo_csv, "--texts", "20", "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = json.loads(out.with_suffix(".json").read_text(encoding="utf-8")).values()
+    seconds = run["operator_seconds"]
+    assert seconds["fp32"]["MatMul"] > 0 and "DynamicQuantizeLinear" in seconds["int8"] and "DynamicQuantizeLinear" not in seconds["fp32"]
+    assert "| **all** |" in out.with_suffix(".md").read_text(encoding="utf-8")
