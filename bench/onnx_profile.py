@@ -26,18 +26,10 @@ OUT = Path("results/onnx_profile")  # .json and .md
 
 def operator_seconds(session_path, classifier, texts, workdir):
     """{operator type: seconds} over `texts` through the ONNX model at session_path, after a warm-up batch."""
-    import onnxruntime
-    import torch
-
     from weibo_senti.onnx_backend import OnnxModel
 
-    model = OnnxModel(session_path)
-    classifier.probabilities_with(model, texts[:64], precision="no")
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.enable_profiling = True
-    options.profile_file_prefix = str(Path(workdir) / Path(session_path).stem)
-    model.session = onnxruntime.InferenceSession(str(session_path), options, providers=["CPUExecutionProvider"])
+    classifier.probabilities_with(OnnxModel(session_path), texts[:64], precision="no")
+    model = OnnxModel(session_path, profile_prefix=Path(workdir) / Path(session_path).stem)
     classifier.probabilities_with(model, texts, precision="no")
     trace = json.loads(Path(model.session.end_profiling()).read_text(encoding="utf-8"))
     seconds = Counter()
