@@ -1,8 +1,9 @@
-"""Fit the confidence temperature of trained checkpoints and write it into their checkpoint.json.
+"""Fit the calibration of trained checkpoints (the recall-balancing bias and the confidence temperature,
+weibo_senti/calibration.py) and write it into their checkpoint.json.
 
 train.py does this itself at the end of a run; this is for checkpoints trained before it did, or to refit one.
-The temperature is fitted on half the validation split of the run that trained the checkpoint (its seed, fraction and
-data, from checkpoint.json), texts without emoticon tags; the calibration error is reported on the other half.
+Both are fitted on half the validation split of the run that trained the checkpoint (its seed, fraction and data, from
+checkpoint.json), texts without emoticon tags; what they change is reported on the other half.
 
 python calibrate.py models/classifiers/adapter_tuning bert_lora/output/best
 """

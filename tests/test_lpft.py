@@ -42,7 +42,7 @@ def test_the_checkpoint_records_the_recipe_and_every_load_puts_the_prefix_first(
     assert info["method_settings"]["pooling"] == "mean" and info["text_prefix"] == "passage: "
     assert info["linear_probe"]["texts"] == 150 and 0.5 <= info["linear_probe"]["train_accuracy"] <= 1
     classifier = Classifier.load(recipe / "best", backend="torch")
-    bare = Classifier(classifier.model, classifier.tokenizer, classifier.max_length, "bare", temperature=classifier.temperature)
+    bare = Classifier(classifier.model, classifier.tokenizer, classifier.max_length, "bare", calibration=(classifier.temperature, classifier.bias))
     np.testing.assert_allclose(classifier.probabilities(TEXTS), bare.probabilities(["passage: " + t for t in TEXTS]), atol=1e-6)
     assert not np.allclose(classifier.probabilities(TEXTS), bare.probabilities(TEXTS), atol=1e-4)
 

@@ -13,7 +13,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from . import UserError, cli, training
-from .calibration import temperature_of
+from .calibration import calibration_of
 from .checkpoint import atomic_directory, load_checkpoint, require_files
 from .models import BASE_SETTINGS, HEAD_MODULES, load_base_classifier, quiet_loading
 
@@ -101,9 +101,9 @@ def export_merged(checkpoint_dir, destination):
     if not hasattr(model, "merge_and_unload"):
         raise UserError(f"{checkpoint_dir} is a {info['method']} checkpoint: only LoRA checkpoints (lora, bert_lora) merge into their base")
     merged = model.float().merge_and_unload()
-    # config.json keeps the checkpoint's temperature and mean pooling (classifier_pooling), which Classifier.load reads and applies
+    # config.json keeps the checkpoint's calibration and mean pooling (classifier_pooling), which Classifier.load reads and applies
     # (transformers alone ignores them)
-    merged.config.calibration_temperature = temperature_of(info)
+    merged.config.calibration_temperature, merged.config.calibration_bias = calibration_of(info)
     merged.config.text_prefix = info.get("text_prefix", "")  # and the prefix the texts were trained with
     with atomic_directory(destination) as tmp:
         merged.save_pretrained(tmp)

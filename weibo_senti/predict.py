@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, pipeline
 
 from . import REPO_ROOT, UserError
-from .calibration import apply_temperature, temperature_of
+from .calibration import apply_calibration, calibration_of
 from .checkpoint import CheckpointError, atomic_file, find_checkpoint, load_checkpoint, read_info
 from .data import MISSING_TEXT_MARKERS, DataError, read_csv_text, scores
 from .models import MIXED_PRECISIONS, MODELS_DIR, PAD_TO_MULTIPLE_OF, autocast, load_tokenizer, quiet_loading, resolve_mixed_precision, resolve_model
@@ -71,16 +71,16 @@ class Classifier:
     """A loaded model with its tokenizer; predict() takes any number of texts and batches them by length."""
 
     def __init__(self, model, tokenizer, max_length, source, use_pipeline=False, clean=False, mixed_precision="no", backend="torch",
-                 checkpoint=None, temperature=1.0, text_prefix=""):
+                 checkpoint=None, calibration=(1.0, 0.0), text_prefix=""):
         """backend: torch, onnx (ONNX Runtime fp32), onnx-int8, or auto (onnx_backend.resolve_backend); the onnx ones
-        export `checkpoint` (a folder) once and keep the export beside it. temperature: what the logits are divided by
-        before the softmax (calibration.py fits it; checkpoint.json keeps it). text_prefix: put before every text, as
-        the model was trained (e5's "passage: ")."""
+        export `checkpoint` (a folder) once and keep the export beside it. calibration: (temperature, bias), applied as
+        softmax(logits / temperature + [0, bias]) (calibration.py fits them; checkpoint.json keeps them). text_prefix:
+        put before every text, as the model was trained (e5's "passage: ")."""
         if model.config.num_labels != 2:
             raise CheckpointError(f"{source}: a two-class (negative, positive) classifier is needed, it has {model.config.num_labels} labels")
         self.model, self.tokenizer, self.max_length, self.source, self.clean = model.eval(), tokenizer, max_length, source, clean
-        self.temperature, self.text_prefix = temperature, text_prefix
-        self.adapter_temperatures = {}  # adapter name -> its checkpoint's temperature, for a PeftModel serving several
+        (self.temperature, self.bias), self.text_prefix = calibration, text_prefix
+        self.adapter_calibrations = {}  # adapter name -> its checkpoint's (temperature, bias), for a PeftModel serving several
         # weights stay as they are; 'bf16' runs the forward pass under autocast
         self.precision, self.precision_reason = resolve_mixed_precision(mixed_precision, model.device.type)
         self.onnx, self.backend, self.backend_reason = None, "torch", "as asked"
@@ -147,7 +147,7 @@ class Classifier:
             if merge_lora and hasattr(model, "merge_and_unload"):
                 model = model.merge_and_unload()
             return cls(model, tokenizer, prediction_cut(info), f"{path} ({info['method']}, base {info['base_model']})", checkpoint=path,
-                       temperature=temperature_of(info), text_prefix=info.get("text_prefix", ""), **options)
+                       calibration=calibration_of(info), text_prefix=info.get("text_prefix", ""), **options)
         if path.is_dir() and not (path / "config.json").is_file():
             raise CheckpointError(f"{path} is neither a checkpoint of this toolkit (no checkpoint.json) nor a classifier folder (no config.json)")
         if not path.is_dir() and (path.is_absolute() or str(location).startswith(".") or "/" not in str(location)):
@@ -165,14 +165,14 @@ class Classifier:
         if getattr(config, "classifier_pooling", "cls") == "mean":
             use_mean_pooling(model)
         return cls(model, load_tokenizer(folder), DEFAULT_MAX_LENGTH, f"{location} (plain classifier)", checkpoint=folder,
-                   temperature=getattr(config, "calibration_temperature", 1.0), text_prefix=getattr(config, "text_prefix", ""), **options)
+                   calibration=(getattr(config, "calibration_temperature", 1.0), getattr(config, "calibration_bias", 0.0)), text_prefix=getattr(config, "text_prefix", ""), **options)
 
     def probabilities(self, texts, batch_size=64, adapter_names=None):
         """[n, 2] array of P(negative), P(positive). adapter_names: for a PEFT model holding several adapters, the one
         to score each text with (one batch may mix them)."""
         texts = [self.text_prefix + (clean_text(t) if self.clean else t) for t in texts]
         if self.pipeline is not None:
-            return apply_temperature(self._pipeline_probabilities(texts, batch_size), self.temperature)
+            return apply_calibration(self._pipeline_probabilities(texts, batch_size), self.temperature, self.bias)
         return self.probabilities_with(self.onnx, texts, batch_size, adapter_names)
 
     def probabilities_with(self, onnx_model, texts, batch_size=64, adapter_names=None, precision=None):
@@ -195,13 +195,18 @@ class Classifier:
                     if adapter_names is not None:
                         encoded["adapter_names"] = [adapter_names[i] for i in chunk]
                     logits = self.model(**encoded).logits
-                result[chunk] = torch.softmax(logits.float().cpu() / self._temperatures(chunk, adapter_names), dim=-1).numpy()
+                temperature, bias = self._calibrations(chunk, adapter_names)
+                scaled = logits.float().cpu() / temperature
+                scaled[:, 1] += bias
+                result[chunk] = torch.softmax(scaled, dim=-1).numpy()
         return result
 
-    def _temperatures(self, rows, adapter_names):
+    def _calibrations(self, rows, adapter_names):
+        """(temperature, bias) for the texts `rows`: the classifier's, or per text that of the adapter it is scored with."""
         if adapter_names is None:
-            return self.temperature
-        return torch.tensor([[self.adapter_temperatures.get(adapter_names[i], self.temperature)] for i in rows])
+            return self.temperature, self.bias
+        pairs = torch.tensor([self.adapter_calibrations.get(adapter_names[i], (self.temperature, self.bias)) for i in rows])
+        return pairs[:, :1], pairs[:, 1]
 
     def _pipeline_probabilities(self, texts, batch_size):
         label2id = self.model.config.label2id

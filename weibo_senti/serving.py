@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 
 from . import UserError, repo_relative
 from .cli import check_ranges
-from .calibration import temperature_of
+from .calibration import calibration_of
 from .checkpoint import CheckpointError, base_model_of, find_checkpoint, model_name, read_info
 from .models import BASE_SETTINGS
 from .predict import Classifier, clean_text, prediction_cut, runtime_options, text_problem
@@ -136,7 +136,7 @@ def load_models(checkpoints, runtime):
                 classifier.model.load_adapter(str(folder), adapter_name=adapter)
             except Exception as error:
                 raise CheckpointError(f"{folder}: cannot load it as an adapter of {key[0]} ({type(error).__name__}: {error})") from None
-            classifier.adapter_temperatures[adapter] = temperature_of(info)
+            classifier.adapter_calibrations[adapter] = calibration_of(info)
             served[name] = Served(name, path, info, classifier, adapter=adapter, model_id=model_name(path))
         else:
             # a LoRA checkpoint alone on its base is merged into it (twice as fast on a CPU); one that shares stays a
@@ -145,7 +145,7 @@ def load_models(checkpoints, runtime):
             classifier = Classifier.load(path, merge_lora=not shares, **runtime)
             if shares:
                 shared[key] = classifier
-                classifier.adapter_temperatures[classifier.model.active_adapter] = classifier.temperature
+                classifier.adapter_calibrations[classifier.model.active_adapter] = (classifier.temperature, classifier.bias)
             served[name] = Served(
                 name, path, info, classifier, adapter=classifier.model.active_adapter if shares else None, model_id=model_name(path))
         log.info("loaded %s: %s; %s", name, classifier.source, classifier.describe_runtime())
