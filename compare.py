@@ -130,6 +130,10 @@ def _fmt(value, pattern):
     return "n/a" if value is None else format(value, pattern)
 
 
+def _on_cpu(machine):
+    return f" on {machine['name']}, {machine['cores']} cores ({', '.join(machine['flags']) or 'no AVX2'})" if machine else ""
+
+
 def write_markdown(rows, text_sets, cfg, command, path):
     extras = [name for name in text_sets if name not in ("val", "val_no_emoticons")]
     lines = [
@@ -180,7 +184,8 @@ def write_markdown(rows, text_sets, cfg, command, path):
     lines += [
         "",
         "Checkpoint: the trained weights only (`*.safetensors`). Train s/epoch: mean over the epochs in `training_log.json`. "
-        f"Prediction ran in {', '.join(sorted({row.get('runs_as', 'PyTorch ' + ('fp32' if row['precision'] == 'no' else row['precision'])) for row in rows}))}. Batched: the whole validation set in length-sorted batches of {cfg.batch_size}. Single: median of {cfg.single_texts} "
+        f"Prediction ran in {', '.join(sorted({row.get('runs_as', 'PyTorch ' + ('fp32' if row['precision'] == 'no' else row['precision'])) for row in rows}))}"
+        f"{_on_cpu(rows[0].get('cpu'))}. Batched: the whole validation set in length-sorted batches of {cfg.batch_size}. Single: median of {cfg.single_texts} "
         "one-text calls. Peak RSS: the measuring process, Python and libraries included.",
     ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -225,10 +230,12 @@ def main(argv=None):
     for checkpoint in checkpoints:  # a damaged one is named before any work
         read_info(checkpoint)
     text_sets = load_text_sets(cfg)
-    rows = []
+    from bench.inference import cpu
+
+    machine, rows = cpu(), []
     context = multiprocessing.get_context("spawn")
     for checkpoint in tqdm(checkpoints, desc="evaluating checkpoints"):
-        row = checkpoint_facts(checkpoint, cfg)
+        row = {**checkpoint_facts(checkpoint, cfg), "cpu": machine}
         with context.Pool(1) as pool:
             row.update(pool.apply(_measure_in_child, ((checkpoint, text_sets, cfg.batch_size, cfg.single_texts, runtime_options(cfg)),)))
         rows.append(row)
