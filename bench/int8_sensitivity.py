@@ -13,6 +13,7 @@ SmoothQuant (Xiao et al., ICML 2023): each matrix's input channel j is divided b
 Writes results/int8_sensitivity.{json,md}.
 """
 import copy
+import logging
 import os
 import re
 import sys
@@ -35,17 +36,14 @@ OUT = Path("results/int8_sensitivity")  # .json and .md
 
 
 def weight_kinds(onnx_path):
-    """{kind: [node names]} of the MatMul / Gemm nodes whose second input is a stored weight, and of the Attention
-    operators (query, key and value in one weight) of a fused export."""
+    """{kind: [node names]} of the MatMul / Gemm nodes whose second input is a stored weight."""
     import onnx
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     weights = {initializer.name for initializer in graph.initializer}
     kinds = defaultdict(list)
     for node in graph.node:
-        if node.op_type == "Attention":
-            kinds["attention: query, key, value (fused)"].append(node.name)
-        elif node.op_type in ("MatMul", "Gemm") and node.input[1] in weights:
+        if node.op_type in ("MatMul", "Gemm") and node.input[1] in weights:
             kind = re.sub(r"^/model/|/(MatMul|Gemm)(_\d+)?$", "", re.sub(r"(layers?|h)\.\d+/", "", node.name))
             kinds[kind].append(node.name)
     return dict(kinds)
@@ -93,8 +91,10 @@ def smoothed_copy(classifier, texts, alpha):
 
 
 def main():
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
     from weibo_senti.data import load_labelled_csv, split_train_val, strip_emoticons
-    from weibo_senti.onnx_backend import OnnxModel, _export, _quantize, fidelity
+    from weibo_senti.onnx_backend import OnnxModel, _export, fidelity
     from weibo_senti.predict import Classifier
 
     cfg = cli.parse_config(globals())
@@ -103,12 +103,14 @@ def main():
     calibration = [strip_emoticons(text) for text in train["review"][: cfg.calibration_texts]]
     classifier = Classifier.load(cfg.checkpoint, mixed_precision="no")
     reference = classifier.probabilities_with(None, texts, precision="no")
+    logging.getLogger().setLevel(logging.ERROR)  # the quantizer's advice to pre-process, which is for static quantization
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
         fp32, int8 = Path(workdir) / "model.onnx", Path(workdir) / "int8.onnx"
 
         def measure(what, matrices, nodes=None):
-            _quantize(fp32, int8, nodes)
+            quantize_dynamic(str(fp32), str(int8), per_channel=True, weight_type=QuantType.QInt8,
+                             **({"nodes_to_quantize": nodes} if nodes else {}))
             probabilities = classifier.probabilities_with(OnnxModel(int8), texts, precision="no")
             changed = reference.argmax(axis=1) != probabilities.argmax(axis=1)
             rows.append({"quantized": what, "matrices": matrices, **fidelity(reference, probabilities),

@@ -117,7 +117,7 @@ def test_int8_sensitivity_quantizes_each_kind_of_matrix_alone_then_all_then_smoo
     rows = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))["rows"]
     *alone, everything, smoothed = rows
     kinds = [row["quantized"] for row in alone]
-    assert "attention: query, key, value (fused)" in kinds and "bert/encoder/intermediate/dense" in kinds
+    assert "bert/encoder/attention/self/query" in kinds and "bert/encoder/intermediate/dense" in kinds
     assert everything["matrices"] == smoothed["matrices"] == sum(row["matrices"] for row in alone)
     assert smoothed["quantized"].endswith("SmoothQuant at a = 0.5")
     assert all(0 <= row["identical_labels"] <= 1 for row in rows)

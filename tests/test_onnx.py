@@ -4,7 +4,6 @@ import math
 import shutil
 
 import numpy as np
-import onnx
 import pytest
 
 from conftest import read_only, run_script
@@ -44,9 +43,6 @@ def test_the_onnx_export_scores_as_pytorch_does(checkpoints, method, capsys):
     assert fidelity["texts"] == onnx_backend.PROBE_TEXTS and 0 <= fidelity["identical_labels"] <= 1
     assert 0 <= fidelity["max_change_prob_positive"] <= 1
     assert all(record["texts_per_second"][backend] > 0 for backend in ("torch", "onnx", "onnx-int8"))
-    operators = {node.op_type for node in onnx.load(str(folder / onnx_backend.FP32_FILE)).graph.node}
-    # a BERT-family encoder's attention is fused into ONNX Runtime's one operator per layer; GPT-2's is exported as it is
-    assert ("Attention" in operators) == (method == "bert_lora")
 
 
 def test_auto_takes_the_fastest_path_measured_at_export_and_int8_only_where_it_keeps_fp32s_labels():

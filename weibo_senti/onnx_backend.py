@@ -1,10 +1,8 @@
-"""ONNX Runtime for CPU prediction: a classifier exported once per checkpoint (fp32 by torch.onnx.export, a BERT-family
-encoder's attention and layer norms then fused by ONNX Runtime's transformer optimizer; int8 by ONNX Runtime's dynamic
-quantization with per-channel weights), cached beside it in onnx/<model id>/ with the int8 model's measured fidelity,
-and run through an InferenceSession. predict.Classifier chooses it with backend=...
+"""ONNX Runtime for CPU prediction: a classifier exported once per checkpoint (fp32 by torch.onnx.export, int8 by
+ONNX Runtime's dynamic quantization with per-channel weights), cached beside it in onnx/<model id>/ with the int8
+model's measured fidelity, and run through an InferenceSession. predict.Classifier chooses it with backend=...
 
-optimum's exporter is not used: its ONNX exporter (optimum-onnx) requires transformers < 4.58, and this toolkit runs on
-5.x. The fusion is the one optimum's ORTOptimizer runs, called directly.
+optimum's exporter is not used: its ONNX exporter (optimum-onnx) requires transformers < 4.58, and this toolkit runs on 5.x.
 """
 import json
 import logging
@@ -26,8 +24,6 @@ from .predict import BACKENDS
 FIDELITY_BAR = 0.995  # the least share of probe texts whose int8 label must equal fp32's for `auto` to choose int8
 PROBE_TEXTS = 500  # validation texts, tags removed (the uncertain case), on which int8 is checked against fp32 at export
 OPSET = 17
-EXPORT_FORMAT = 2  # in the cache folder's name, so that an export of an older format is made anew (2: fused attention)
-FUSED_MODEL_TYPES = {"bert"}  # whose exported graph ONNX Runtime's optimizer fuses (multilingual-e5-small is one)
 FP32_FILE, INT8_FILE, RECORD_FILE = "model.onnx", "model.int8.onnx", "export.json"
 CACHE_ENV_VAR = "WEIBO_SENTI_ONNX_CACHE"  # where exports go when the checkpoint's folder cannot be written
 
@@ -36,7 +32,7 @@ def cache_folder(checkpoint):
     """<checkpoint>/onnx/<method@digest>/, or under $WEIBO_SENTI_ONNX_CACHE (default ~/.cache/weibo_senti/onnx) when the
     checkpoint's folder is read-only. The name holds the digest of the weights, so a retrained checkpoint exports anew (a recalibrated one does not)."""
     folder = find_checkpoint(Path(checkpoint))
-    name = f"{model_name(folder, graph_only=True).replace('@', '-')}-v{EXPORT_FORMAT}"
+    name = model_name(folder, graph_only=True).replace("@", "-")
     if os.access(folder, os.W_OK):
         return folder / "onnx" / name
     return Path(os.environ.get(CACHE_ENV_VAR, Path.home() / ".cache" / "weibo_senti" / "onnx")) / name
@@ -54,56 +50,25 @@ class _Logits(torch.nn.Module):
 def _export(model, tokenizer, path):
     example = tokenizer(["今天天气很好[哈哈]", "不开心"], padding=True, return_tensors="pt")
     dynamic = {0: "batch", 1: "length"}
-    fuse = model.config.model_type in FUSED_MODEL_TYPES
-    attention = model.config._attn_implementation
-    if fuse:
-        model.set_attn_implementation("eager")  # the pattern the optimizer recognises; SDPA's export hides it under masking ops
-    try:
-        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
-            warnings.simplefilter("ignore")  # the tracer's notes on Python branches that hold for every input here
-            torch.onnx.export(
-                _Logits(model).eval(), (example["input_ids"], example["attention_mask"]), str(path), dynamo=False, opset_version=OPSET,
-                input_names=["input_ids", "attention_mask"], output_names=["logits"],
-                dynamic_axes={"input_ids": dynamic, "attention_mask": dynamic, "logits": {0: "batch"}},
-            )
-    finally:
-        if fuse:
-            model.set_attn_implementation(attention)
-    if fuse:
-        _fuse(path, model.config)
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")  # the tracer's notes on Python branches that hold for every input here
+        torch.onnx.export(
+            _Logits(model).eval(), (example["input_ids"], example["attention_mask"]), str(path), dynamo=False, opset_version=OPSET,
+            input_names=["input_ids", "attention_mask"], output_names=["logits"],
+            dynamic_axes={"input_ids": dynamic, "attention_mask": dynamic, "logits": {0: "batch"}},
+        )
 
 
-def _quietly(work):
-    """work() with the root logger at ERROR: ONNX Runtime's tools log advice meant for other uses (static quantization,
-    GPUs) at INFO and WARNING."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        return work()
-    finally:
-        root.setLevel(level)
-
-
-def _fuse(path, config):
-    """Rewrite the exported BERT-family graph in place with ONNX Runtime's transformer optimizer: each layer's attention
-    becomes one Attention operator, residual + layer norm one SkipLayerNormalization, the embeddings one
-    EmbedLayerNormalization."""
-    from onnxruntime.transformers import optimizer
-
-    fused = _quietly(lambda: optimizer.optimize_model(str(path), model_type="bert", num_heads=config.num_attention_heads,
-                                                      hidden_size=config.hidden_size))
-    fused.save_model_to_file(str(path))
-
-
-def _quantize(fp32_path, int8_path, nodes=None):
-    """Dynamic int8 with per-channel weights, of every weight matrix or of the named `nodes` only."""
-    import onnx
+def _quantize(fp32_path, int8_path):
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    # the fused operators are outside ONNX's shape inference, so their outputs' type is stated: fp32
-    _quietly(lambda: quantize_dynamic(str(fp32_path), str(int8_path), per_channel=True, weight_type=QuantType.QInt8,
-                                      nodes_to_quantize=nodes, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT}))
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # it logs advice to pre-process the model first, which is for static quantization
+    try:
+        quantize_dynamic(str(fp32_path), str(int8_path), per_channel=True, weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
 
 
 def probe_texts():
@@ -162,7 +127,6 @@ def _export_once(classifier, checkpoint, folder):
             record = {
                 "model_id": model_name(checkpoint),
                 "opset": OPSET,
-                "format": EXPORT_FORMAT,
                 "versions": {"torch": torch.__version__, "onnxruntime": _onnxruntime().__version__},
                 "int8_fidelity": {"texts": len(texts), "of": "validation texts without tags, against PyTorch fp32",
                                   **fidelity(probabilities["torch"], probabilities["onnx-int8"])},
