@@ -79,6 +79,7 @@ def measure_ctranslate2(checkpoint, text_sets, labels, reference, batch_size, wo
         return {"path": "CTranslate2 int8", "skipped": "ctranslate2 is not installed (pip install ctranslate2)"}
     import torch
 
+    from weibo_senti.calibration import apply_calibration
     from weibo_senti.predict import Classifier
 
     classifier = Classifier.load(checkpoint, backend="torch", mixed_precision="no")
@@ -102,7 +103,7 @@ def measure_ctranslate2(checkpoint, text_sets, labels, reference, batch_size, wo
             logits = np.asarray(encoder.forward_batch(ids).pooler_output) @ weight.T + bias
             exp = np.exp(logits - logits.max(axis=1, keepdims=True))
             result[chunk] = exp / exp.sum(axis=1, keepdims=True)
-        return result
+        return apply_calibration(result, classifier.temperature, classifier.bias)  # as Classifier does
 
     plain_texts = text_sets["without_tags"]
     probabilities(plain_texts[:batch_size])
