@@ -340,6 +340,22 @@ def test_an_id_repeated_across_a_page_boundary_is_read_and_counted(checkpoint, t
     assert "duplicate id (an earlier row with this id is scored)" in set(bad["reason"])
 
 
+def test_spark_engine_runs_the_onnx_backend_exported_once_for_all_its_workers(checkpoint, tmp_path):
+    pytest.importorskip("pyspark")
+    copy = shutil.copytree(checkpoint, tmp_path / "checkpoint", ignore=shutil.ignore_patterns("onnx"))  # not exported yet
+    crawl = tmp_path / "crawl"
+    crawl.mkdir()
+    table = posts(40)
+    table.iloc[:20].to_parquet(crawl / "part-1.parquet")
+    table.iloc[20:].to_parquet(crawl / "part-2.parquet")
+    result = run_script(SCORE, "--engine", "spark", "--master", "local[2]", "--input", crawl, "--output", tmp_path / "out",
+                        "--id-column", "note_id", "--checkpoint", copy, "--mixed-precision", "no", "--backend", "onnx")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert summary(result) == {"read": 40, "scored": 38, "skipped": 0, "bad": 2}
+    assert len(list((copy / "onnx").glob("*/export.json"))) == 1  # the two workers waited for one export
+    check_results(pd.read_parquet(tmp_path / "out"), expected(copy, table), model_name(copy))  # PyTorch fp32's, to 1e-5
+
+
 def test_spark_workers_run_the_interpreter_that_runs_score_py(checkpoint, tmp_path):
     pytest.importorskip("pyspark")
     fake = tmp_path / "bin"
