@@ -63,6 +63,7 @@ def test_the_bias_balances_the_recalls_of_a_classifier_that_leans_to_one_class()
     assert abs((balanced[labels == 0] == 0).mean() - (balanced[labels == 1] == 1).mean()) < 0.005
     even = softmax(np.stack([np.zeros(10000), margins + 0.6], axis=1), axis=1)
     assert abs(recall_balancing_threshold(even, labels)) < 0.05  # a classifier that does not lean is left as it is
+    assert recall_balancing_threshold(probabilities[labels == 1], labels[labels == 1]) == 0.0  # one class: nothing to balance
 
 
 def test_training_fits_a_calibration_that_every_load_applies(calibrated):

@@ -49,10 +49,12 @@ def apply_calibration(probabilities, temperature, bias=0.0):
 
 def recall_balancing_threshold(probabilities, labels):
     """The threshold on log P(positive) - log P(negative) at which the two classes' recall is closest to equal (the
-    one nearest 0 among equals): above it a text is called positive."""
+    one nearest 0 among equals): above it a text is called positive. 0 when one class is missing: nothing to balance."""
     margin = _logits(probabilities) @ np.array([-1.0, 1.0])
     labels = np.asarray(labels)
     negatives, positives = np.sort(margin[labels == 0]), np.sort(margin[labels == 1])
+    if not len(negatives) or not len(positives):
+        return 0.0
     candidates = np.append(np.unique(margin), 0.0)
     recall_negative = np.searchsorted(negatives, candidates, side="left") / len(negatives)
     recall_positive = 1 - np.searchsorted(positives, candidates, side="left") / len(positives)
