@@ -2,7 +2,7 @@
 PyTorch bf16 (where the CPU computes it natively), ONNX Runtime fp32 and int8, and what --backend auto picks; with
 CTranslate2 int8 on the merged LoRA classifier as the outside reference (pip install ctranslate2; skipped without it).
 
-python bench/inference.py                     # the shipped classifiers, 1,000 validation texts
+python bench/inference.py                     # the shipped classifiers, 1,000 validation texts after the export's 1,000
 python bench/inference.py --checkpoint models/classifiers/bert_lora --checkpoint bert_lora/output/best --texts 500
 
 Speed: texts/s over the validation texts without tags (what crawlers send), length-sorted batches of BATCH_SIZE, after a
@@ -26,7 +26,7 @@ from weibo_senti.checkpoint import write_json_atomic  # noqa: E402
 
 CHECKPOINT = []  # classifiers to measure, repeatable (none: every folder under models/classifiers/)
 DATA = Path(os.environ.get("WEIBO_SENTI_DATA", "dataset/weibo_senti_100k.csv"))  # label,review CSV; its validation split is used
-TEXTS = 1000  # validation texts measured (the first of train.py's split)
+TEXTS = 1000  # validation texts measured: those after the ones the ONNX export fits and checks int8 on
 BATCH_SIZE = 64  # texts per model call
 CTRANSLATE2 = "models/classifiers/bert_lora"  # the LoRA classifier CTranslate2 runs merged, in int8 ("" = skip)
 OUT = Path("results/inference")  # .json (one entry per CPU kind) and .md
@@ -122,12 +122,13 @@ def main():
 
     from weibo_senti.data import load_labelled_csv, split_train_val, strip_emoticons
     from weibo_senti.models import _cpu_has_native_bf16
+    from weibo_senti.onnx_backend import CHECK_TEXTS, PROBE_TEXTS
     from weibo_senti.predict import SHIPPED_CLASSIFIERS
 
     cfg = cli.parse_config(globals())
     checkpoints = [Path(path) for path in cfg.checkpoint] or sorted(path for path in SHIPPED_CLASSIFIERS.iterdir() if path.is_dir())
     _, val = split_train_val(load_labelled_csv(cfg.data)[0], 0.1, 42)
-    val = val[: cfg.texts]
+    val = val[PROBE_TEXTS + CHECK_TEXTS:][: cfg.texts]
     text_sets = {"without_tags": [strip_emoticons(text) for text in val["review"]], "with_tags": list(val["review"])}
     labels = val["label"].to_numpy()
     machine = {**cpu(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}

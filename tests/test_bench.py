@@ -108,14 +108,16 @@ def test_inference_bench_measures_every_path_and_keys_the_results_by_cpu_kind(tr
     assert "**auto picks:**" in (tmp_path / "inference.md").read_text(encoding="utf-8")
 
 
-def test_int8_sensitivity_quantizes_each_kind_of_matrix_alone_then_all_then_smoothed(trained, weibo_csv, tmp_path):
+def test_int8_sensitivity_quantizes_each_kind_of_matrix_alone_then_all_then_smoothed_then_as_the_product_does(trained, tmp_path):
     checkpoint = trained("bert_lora")[0] / "best"
     out = tmp_path / "int8"
-    result = run_script(REPO_ROOT / "bench" / "int8_sensitivity.py", "--checkpoint", checkpoint, "--data", weibo_csv,
+    result = run_script(REPO_ROOT / "bench" / "int8_sensitivity.py", "--checkpoint", checkpoint,  # the data set in dataset/
                         "--texts", "20", "--calibration-texts", "16", "--smooth-alphas", "0.5", "--out", out)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))["rows"]
-    *alone, everything, smoothed = rows
+    *alone, everything, smoothed, split, seven_bits, product = rows
+    assert "outlier input channels split off" in split["quantized"] and "7-bit" in seven_bits["quantized"]
+    assert product["quantized"].endswith("(what --backend onnx-int8 runs)") and 0 <= product["rechecked"] <= 1
     kinds = [row["quantized"] for row in alone]
     assert "bert/encoder/attention/self/query" in kinds and "bert/encoder/intermediate/dense" in kinds
     assert everything["matrices"] == smoothed["matrices"] == sum(row["matrices"] for row in alone)

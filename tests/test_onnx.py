@@ -40,9 +40,49 @@ def test_the_onnx_export_scores_as_pytorch_does(checkpoints, method, capsys):
     assert folder.parent == checkpoints[method] / "onnx" and folder.name.startswith(method + "-")
     record = json.loads((folder / onnx_backend.RECORD_FILE).read_text(encoding="utf-8"))
     fidelity = record["int8_fidelity"]
-    assert fidelity["texts"] == onnx_backend.PROBE_TEXTS and 0 <= fidelity["identical_labels"] <= 1
+    assert fidelity["texts"] == onnx_backend.CHECK_TEXTS and 0 <= fidelity["identical_labels"] <= 1
     assert 0 <= fidelity["max_change_prob_positive"] <= 1
     assert all(record["texts_per_second"][backend] > 0 for backend in ("torch", "onnx", "onnx-int8"))
+    alone = record["int8"]["without_recheck_on_probe_texts"]
+    assert alone["texts"] == onnx_backend.PROBE_TEXTS
+    assert record["int8"]["recheck_margin"] == pytest.approx(min(0.5, onnx_backend.RECHECK_FACTOR * alone["max_change_prob_positive"]))
+
+    # the second look: with a margin of 0.5 every text is scored again in fp32, with none int8 alone scores it
+    int8.onnx.recheck_margin = 0.5
+    np.testing.assert_allclose(int8.probabilities(TEXTS, batch_size=8), torch_fp32, atol=1e-5)
+    int8.onnx.recheck_margin = 0.0
+    alone = int8.probabilities(TEXTS, batch_size=8)
+    np.testing.assert_allclose(alone, Classifier.probabilities_with(int8, onnx_backend.OnnxModel(folder / onnx_backend.INT8_FILE), TEXTS, 8))
+    margin = record["int8"]["recheck_margin"]
+    near = np.abs(alone[:, 1] - 0.5) < margin
+    np.testing.assert_allclose(probabilities[near], torch_fp32[near], atol=1e-5)
+    np.testing.assert_allclose(probabilities[~near], alone[~near], atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter's, as in onnx_backend._export
+@pytest.mark.parametrize("conv1d", [False, True], ids=["Linear", "GPT-2 Conv1D"])
+def test_splitting_off_outlier_channels_keeps_the_layers_function_and_leaves_them_out_of_int8(conv1d, tmp_path):
+    import onnx
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    layer = Conv1D(6, 8) if conv1d else torch.nn.Linear(8, 6)
+    torch.nn.init.normal_(layer.weight)
+    torch.nn.init.normal_(layer.bias)
+    x = torch.randn(3, 5, 8)
+    x[..., 2] *= 40  # an outlier channel
+    expected = layer(x)
+    split = onnx_backend.OutlierChannelsSplit(layer, torch.tensor([2, 5]))
+    torch.testing.assert_close(split(x), expected)
+
+    path = tmp_path / "split.onnx"
+    with torch.no_grad():
+        torch.onnx.export(split, (x,), str(path), dynamo=False, opset_version=onnx_backend.OPSET, input_names=["x"])
+    onnx_backend._quantize(path, tmp_path / "int8.onnx")
+    nodes = onnx.load(str(tmp_path / "int8.onnx")).graph.node
+    assert [node.op_type for node in nodes if "/outlier_channels/" in node.name] == ["MatMul"]  # fp32
+    assert any(node.op_type == "MatMulInteger" for node in nodes)  # the rest in int8
 
 
 def test_auto_takes_the_fastest_path_measured_at_export_and_int8_only_where_it_keeps_fp32s_labels():

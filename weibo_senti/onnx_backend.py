@@ -1,9 +1,18 @@
 """ONNX Runtime for CPU prediction: a classifier exported once per checkpoint (fp32 by torch.onnx.export, int8 by
-ONNX Runtime's dynamic quantization with per-channel weights), cached beside it in onnx/<model id>/ with the int8
-model's measured fidelity, and run through an InferenceSession. predict.Classifier chooses it with backend=...
+ONNX Runtime's dynamic quantization), cached beside it in onnx/<model id>/ with each path's measured speed and the int8
+model's fidelity, and run through an InferenceSession. predict.Classifier chooses it with backend=...
+
+The int8 path keeps fp32's labels by three means, each measured in docs/results.md#int8-that-keeps-fp32s-labels:
+- outlier channels: an input channel of a weight matrix whose peak over CALIBRATION_TEXTS training texts is over
+  OUTLIER_FACTOR times the median channel's is multiplied in fp32 beside the int8 product (LLM.int8()'s decomposition),
+  so that one scale per activation tensor no longer spends its 256 levels on a few channels;
+- 7-bit weights (reduce_range), so that CPUs without VNNI cannot saturate their 16-bit sums of int8 products;
+- a second look: texts whose int8 P(positive) lies within a margin of 0.5 are scored again in fp32. The margin is
+  RECHECK_FACTOR times the largest change int8 made to P(positive) on the PROBE_TEXTS at export.
 
 optimum's exporter is not used: its ONNX exporter (optimum-onnx) requires transformers < 4.58, and this toolkit runs on 5.x.
 """
+import copy
 import json
 import logging
 import math
@@ -21,8 +30,13 @@ from . import UserError
 from .checkpoint import CheckpointError, atomic_directory, find_checkpoint, model_name
 from .predict import BACKENDS
 
-FIDELITY_BAR = 0.995  # the least share of probe texts whose int8 label must equal fp32's for `auto` to choose int8
-PROBE_TEXTS = 500  # validation texts, tags removed (the uncertain case), on which int8 is checked against fp32 at export
+FIDELITY_BAR = 0.995  # the least share of check texts whose int8 label must equal fp32's for `auto` to choose int8
+PROBE_TEXTS = 500  # the first validation texts, tags removed (the uncertain case), on which int8's second-look margin is fitted
+CHECK_TEXTS = 500  # the validation texts after them, tags removed, on which every path's speed and int8's fidelity are measured
+CALIBRATION_TEXTS = 256  # training texts, tags removed, whose activation peaks find the outlier channels
+OUTLIER_FACTOR = 3.0  # an input channel peaking above this many times the median channel's peak stays in fp32
+RECHECK_FACTOR = 1.5  # the second look's margin, in largest changes of P(positive) seen on the probe texts (1 kept every label on 1,000 others)
+EXPORT_FORMAT = 2  # in the cache folder's name: 2 = outlier channels, 7-bit weights and the second look (1 had none)
 OPSET = 17
 FP32_FILE, INT8_FILE, RECORD_FILE = "model.onnx", "model.int8.onnx", "export.json"
 CACHE_ENV_VAR = "WEIBO_SENTI_ONNX_CACHE"  # where exports go when the checkpoint's folder cannot be written
@@ -32,7 +46,7 @@ def cache_folder(checkpoint):
     """<checkpoint>/onnx/<method@digest>/, or under $WEIBO_SENTI_ONNX_CACHE (default ~/.cache/weibo_senti/onnx) when the
     checkpoint's folder is read-only. The name holds the digest of the weights, so a retrained checkpoint exports anew (a recalibrated one does not)."""
     folder = find_checkpoint(Path(checkpoint))
-    name = model_name(folder, graph_only=True).replace("@", "-")
+    name = model_name(folder, graph_only=True).replace("@", "-") + f"-export{EXPORT_FORMAT}"
     if os.access(folder, os.W_OK):
         return folder / "onnx" / name
     return Path(os.environ.get(CACHE_ENV_VAR, Path.home() / ".cache" / "weibo_senti" / "onnx")) / name
@@ -59,32 +73,97 @@ def _export(model, tokenizer, path):
         )
 
 
-def _quantize(fp32_path, int8_path):
+class OutlierChannelsSplit(torch.nn.Module):
+    """A Linear (or GPT-2's Conv1D) with the input channels `channels` taken out of it and multiplied in their own
+    small Linear, `outlier_channels`, which the quantizer leaves in fp32. The same function in fp32."""
+
+    def __init__(self, layer, channels):
+        super().__init__()
+        weight = layer.weight.data  # Linear: [out, in]; Conv1D: [in, out]
+        conv1d = not isinstance(layer, torch.nn.Linear)
+        self.outlier_channels = torch.nn.Linear(len(channels), weight.shape[1 if conv1d else 0], bias=False)
+        self.outlier_channels.weight.data = (weight[channels, :].T if conv1d else weight[:, channels]).clone()
+        (weight[channels, :] if conv1d else weight[:, channels]).zero_()
+        keep = torch.ones(weight.shape[0 if conv1d else 1])
+        keep[channels] = 0
+        self.layer = layer
+        self.register_buffer("keep", keep)
+        self.register_buffer("channels", channels)
+
+    def forward(self, x):
+        return self.layer(x * self.keep) + self.outlier_channels(x.index_select(-1, self.channels))
+
+
+def input_peaks(classifier, model, texts):
+    """{name: largest |input| per input channel over `texts`} of every Linear / Conv1D of `model` (the classifier's
+    model or a copy of it), run in fp32."""
+    from transformers.pytorch_utils import Conv1D
+
+    layers = {name: module for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, Conv1D))}
+    peaks = {}
+
+    def recorder(name):
+        def record(module, args):
+            x = args[0].detach().float()
+            peak = x.reshape(-1, x.shape[-1]).abs().amax(0)
+            peaks[name] = torch.maximum(peaks[name], peak) if name in peaks else peak
+        return record
+
+    handles = [module.register_forward_pre_hook(recorder(name)) for name, module in layers.items()]
+    calibrating = copy.copy(classifier)
+    calibrating.model = model
+    calibrating.probabilities_with(None, texts, precision="no")
+    for handle in handles:
+        handle.remove()
+    return peaks
+
+
+def outlier_split_copy(classifier, texts):
+    """(a copy of the classifier's model with every weight matrix's outlier input channels split off, how many)."""
+    model = copy.deepcopy(classifier.model)
+    count = 0
+    for name, peak in input_peaks(classifier, model, texts).items():
+        channels = (peak > OUTLIER_FACTOR * peak.median()).nonzero().flatten()
+        if len(channels):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, OutlierChannelsSplit(model.get_submodule(name), channels))
+            count += len(channels)
+    return model, count
+
+
+def _quantize(fp32_path, int8_path, reduce_range=True):
+    """Dynamic int8: per-channel 7-bit weights (8-bit with reduce_range False), activations per tensor at run time;
+    the outlier_channels products stay fp32."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    graph = onnx.load(str(fp32_path), load_external_data=False).graph
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # it logs advice to pre-process the model first, which is for static quantization
     try:
-        quantize_dynamic(str(fp32_path), str(int8_path), per_channel=True, weight_type=QuantType.QInt8)
+        quantize_dynamic(str(fp32_path), str(int8_path), per_channel=True, reduce_range=reduce_range, weight_type=QuantType.QInt8,
+                         nodes_to_exclude=[node.name for node in graph.node if "/outlier_channels/" in node.name])
     finally:
         root.setLevel(level)
 
 
-def probe_texts():
-    """The texts int8 is checked on: the first PROBE_TEXTS validation texts of train.py's split, tags removed; [] when
-    the data set is not there (then int8 is never chosen by itself)."""
+def export_texts():
+    """(calibration, probe, check) texts, tags removed: the first CALIBRATION_TEXTS training texts of train.py's split,
+    the first PROBE_TEXTS validation texts and the CHECK_TEXTS after them; all [] when the data set is not there (then
+    int8 is never chosen by itself)."""
     from . import REPO_ROOT
     from .data import DATA_ENV_VAR, load_labelled_csv, split_train_val, strip_emoticons
 
     path = Path(os.environ.get(DATA_ENV_VAR, REPO_ROOT / "dataset" / "weibo_senti_100k.csv"))
     if not path.is_file():
-        return []
+        return [], [], []
     try:
-        _, val = split_train_val(load_labelled_csv(path)[0], 0.1, 42)
+        train, val = split_train_val(load_labelled_csv(path)[0], 0.1, 42)
     except UserError:
-        return []
-    return [strip_emoticons(text) for text in val["review"][:PROBE_TEXTS]]
+        return [], [], []
+    val = [strip_emoticons(text) for text in val["review"][:PROBE_TEXTS + CHECK_TEXTS]]
+    return [strip_emoticons(text) for text in train["review"][:CALIBRATION_TEXTS]], val[:PROBE_TEXTS], val[PROBE_TEXTS:]
 
 
 def fidelity(reference, other):
@@ -119,18 +198,26 @@ def _export_once(classifier, checkpoint, folder):
         print(f"exporting {classifier.source} to ONNX (once; cached in {folder})", file=sys.stderr)
         with atomic_directory(folder) as tmp:
             _export(classifier.model, classifier.tokenizer, tmp / FP32_FILE)
-            _quantize(tmp / FP32_FILE, tmp / INT8_FILE)
-            texts = probe_texts()
+            calibration, probe, check = export_texts()
+            split, outlier_channels = outlier_split_copy(classifier, calibration) if calibration else (classifier.model, 0)
+            _export(split, classifier.tokenizer, tmp / "split.onnx")
+            _quantize(tmp / "split.onnx", tmp / INT8_FILE)
+            (tmp / "split.onnx").unlink()
+            fp32 = OnnxModel(tmp / FP32_FILE)
+            int8_alone = fidelity(classifier.probabilities_with(None, probe, precision="no"), classifier.probabilities_with(OnnxModel(tmp / INT8_FILE), probe))
+            margin = min(0.5, RECHECK_FACTOR * int8_alone["max_change_prob_positive"]) if probe else 0.0
             probabilities, speeds = {}, {}
-            for backend, onnx_model in (("torch", None), ("onnx", OnnxModel(tmp / FP32_FILE)), ("onnx-int8", OnnxModel(tmp / INT8_FILE))):
-                probabilities[backend], speeds[backend] = _timed(classifier, onnx_model, texts)
+            for backend, onnx_model in (("torch", None), ("onnx", fp32), ("onnx-int8", OnnxModel(tmp / INT8_FILE, recheck=(fp32, margin)))):
+                probabilities[backend], speeds[backend] = _timed(classifier, onnx_model, check)
             record = {
                 "model_id": model_name(checkpoint),
                 "opset": OPSET,
                 "versions": {"torch": torch.__version__, "onnxruntime": _onnxruntime().__version__},
-                "int8_fidelity": {"texts": len(texts), "of": "validation texts without tags, against PyTorch fp32",
+                "int8": {"outlier_channels": outlier_channels, "outlier_factor": OUTLIER_FACTOR, "weights": "7-bit, per channel",
+                         "recheck_margin": margin, "without_recheck_on_probe_texts": {"texts": len(probe), **int8_alone}},
+                "int8_fidelity": {"texts": len(check), "of": "validation texts without tags after the probe texts, against PyTorch fp32",
                                   **fidelity(probabilities["torch"], probabilities["onnx-int8"])},
-                "texts_per_second": {"measured_on": "the probe texts, by the process that exported", **speeds},
+                "texts_per_second": {"measured_on": "the check texts, by the process that exported", **speeds},
             }
             (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
 
@@ -153,11 +240,22 @@ def _onnxruntime():
     return onnxruntime
 
 
-class OnnxModel:
-    """An exported classifier in an InferenceSession on the CPU, as many threads as torch uses; with profile_prefix,
-    ONNX Runtime's profiler records every operator to a file under that prefix (session.end_profiling() names it)."""
+def load_exported(folder, record, backend):
+    """The OnnxModel `backend` (onnx or onnx-int8) runs from an export folder; int8 with its fp32 second look."""
+    fp32 = OnnxModel(folder / FP32_FILE)
+    if backend == "onnx":
+        return fp32
+    return OnnxModel(folder / INT8_FILE, recheck=(fp32, record["int8"]["recheck_margin"]))
 
-    def __init__(self, path, profile_prefix=None):
+
+class OnnxModel:
+    """An exported classifier in an InferenceSession on the CPU, as many threads as torch uses. recheck: (an fp32
+    OnnxModel, margin): Classifier scores again through it the texts whose P(positive) here is within margin of 0.5.
+    With profile_prefix, ONNX Runtime's profiler records every operator to a file under that prefix
+    (session.end_profiling() names it)."""
+
+    def __init__(self, path, recheck=(None, 0.0), profile_prefix=None):
+        self.recheck_model, self.recheck_margin = recheck
         ort = _onnxruntime()
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
@@ -182,7 +280,7 @@ def resolve_backend(choice, bf16, exported_record):
     """(backend, why) for --backend `choice` on the CPU; exported_record() exports when needed and returns export.json's
     record. auto: PyTorch where it computes in bf16 (natively, the fastest path there); on any other CPU the fastest of
     PyTorch fp32, ONNX Runtime fp32 and ONNX Runtime int8 as measured at export, int8 only when its labels matched
-    fp32's on >= 99.5% of the probe texts."""
+    fp32's on >= 99.5% of the check texts."""
     check_backend(choice)
     if choice != "auto":
         return choice, "as asked"
@@ -198,7 +296,7 @@ def resolve_backend(choice, bf16, exported_record):
     int8_note = "" if int8_ok else (
         "; int8 was not checked (no data set)" if math.isnan(agreement)
         else f"; int8 left out: it gave fp32's label on only {agreement:.1%} of them (the bar: {FIDELITY_BAR:.1%})")
-    return best, f"auto: no native bf16 on this CPU; the fastest measured at export ({measured} texts/s on the probe texts){int8_note}"
+    return best, f"auto: no native bf16 on this CPU; the fastest measured at export ({measured} texts/s on the check texts){int8_note}"
 
 
 NAMES = {"torch": "PyTorch fp32", "onnx": "ONNX Runtime fp32", "onnx-int8": "ONNX Runtime int8"}

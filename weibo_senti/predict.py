@@ -23,7 +23,7 @@ from .pooling import use_mean_pooling
 BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
 BACKEND_HELP = (
     "what scores the texts: torch; onnx (ONNX Runtime fp32, exported once beside the checkpoint); onnx-int8; auto: PyTorch on a GPU "
-    "or a CPU with native bf16, else ONNX Runtime (int8 only where it gave fp32's labels on >= 99.5%% of probe texts)"
+    "or a CPU with native bf16, else ONNX Runtime (int8 only where it gave fp32's labels on >= 99.5%% of the check texts at export)"
 )
 SENTIMENTS = ("负面情感", "正面情感")  # label 0, label 1, as the original console printed them
 DEFAULT_MAX_LENGTH = 128
@@ -115,10 +115,10 @@ class Classifier:
         folder, record = exported()
         agreement = record["int8_fidelity"]["identical_labels"]
         if self.backend == "onnx-int8" and not agreement >= onnx_backend.FIDELITY_BAR:
-            print(f"note: int8 gave PyTorch fp32's label on {agreement:.1%} of the probe texts (largest change of P(positive) "
+            print(f"note: int8 gave PyTorch fp32's label on {agreement:.1%} of the check texts (largest change of P(positive) "
                   f"{record['int8_fidelity']['max_change_prob_positive']:.3f}), below the {onnx_backend.FIDELITY_BAR:.1%} that "
                   "--backend auto asks of it", file=sys.stderr)
-        self.onnx = onnx_backend.OnnxModel(folder / (onnx_backend.INT8_FILE if self.backend == "onnx-int8" else onnx_backend.FP32_FILE))
+        self.onnx = onnx_backend.load_exported(folder, record, self.backend)
         self.precision, self.precision_reason = "no", "ONNX Runtime"
 
     @property
@@ -199,6 +199,10 @@ class Classifier:
                 scaled = logits.float().cpu() / temperature
                 scaled[:, 1] += bias
                 result[chunk] = torch.softmax(scaled, dim=-1).numpy()
+        if onnx_model is not None and onnx_model.recheck_margin:  # int8's second look: the near-even texts again, in fp32
+            near = np.flatnonzero(np.abs(result[:, 1] - 0.5) < onnx_model.recheck_margin)
+            if len(near):
+                result[near] = self.probabilities_with(onnx_model.recheck_model, [texts[i] for i in near], batch_size)
         return result
 
     def _calibrations(self, rows, adapter_names):
