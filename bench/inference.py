@@ -122,7 +122,7 @@ def main():
 
     from weibo_senti.data import load_labelled_csv, split_train_val, strip_emoticons
     from weibo_senti.models import _cpu_has_native_bf16
-    from weibo_senti.onnx_backend import CHECK_TEXTS, PROBE_TEXTS
+    from weibo_senti.onnx_backend import CHECK_TEXTS, EXPORT_FORMAT, PROBE_TEXTS
     from weibo_senti.predict import SHIPPED_CLASSIFIERS
 
     cfg = cli.parse_config(globals())
@@ -152,7 +152,7 @@ def main():
             results.append(entry)
     out = cfg.out.with_suffix(".json")
     runs = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else {}
-    runs[machine["kind"]] = {"machine": machine, "texts": len(labels), "batch_size": cfg.batch_size,
+    runs[machine["kind"]] = {"machine": machine, "texts": len(labels), "batch_size": cfg.batch_size, "onnx_export_format": EXPORT_FORMAT,
                              "command": "python bench/inference.py " + " ".join(sys.argv[1:]), "classifiers": results}
     write_json_atomic(out, runs)
     cfg.out.with_suffix(".md").write_text(markdown(runs), encoding="utf-8")
@@ -160,12 +160,17 @@ def main():
 
 
 def markdown(runs):
+    from weibo_senti.onnx_backend import EXPORT_FORMAT
+
     lines = ["# Prediction paths, per CPU kind", "", "Written by `bench/inference.py`; ratios against PyTorch fp32 on the same CPU, in the same run.", ""]
     for kind, run in runs.items():
         machine = run["machine"]
         lines += [
             f"## {kind}: {machine['name']}, {machine['cores']} cores ({', '.join(machine['flags'])})", "",
             f"`{run['command'].strip()}`: {run['texts']} validation texts, batches of {run['batch_size']}, torch {machine['torch']} on {machine['torch_threads']} threads.", "",
+            *([] if run.get("onnx_export_format", 1) >= EXPORT_FORMAT else [
+                "Measured with the first int8 export (plain dynamic quantization: no outlier channels, 8-bit weights, no second "
+                "look), on the first 1,000 validation texts.", ""]),
             "| classifier | path | texts/s | × PyTorch fp32 | identical labels, without / with tags | largest change of P(positive) | accuracy without tags |",
             "|---|---|---|---|---|---|---|",
         ]

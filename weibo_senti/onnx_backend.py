@@ -296,7 +296,7 @@ def resolve_backend(choice, bf16, exported_record):
     int8_note = "" if int8_ok else (
         "; int8 was not checked (no data set)" if math.isnan(agreement)
         else f"; int8 left out: it gave fp32's label on only {agreement:.1%} of them (the bar: {FIDELITY_BAR:.1%})")
-    return best, f"auto: no native bf16 on this CPU; the fastest measured at export ({measured} texts/s on the check texts){int8_note}"
+    return best, f"auto: PyTorch would run in fp32 here; the fastest measured at export ({measured} texts/s on the check texts){int8_note}"
 
 
 NAMES = {"torch": "PyTorch fp32", "onnx": "ONNX Runtime fp32", "onnx-int8": "ONNX Runtime int8"}
