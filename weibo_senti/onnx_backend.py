@@ -199,10 +199,13 @@ def _export_once(classifier, checkpoint, folder):
         with atomic_directory(folder) as tmp:
             _export(classifier.model, classifier.tokenizer, tmp / FP32_FILE)
             calibration, probe, check = export_texts()
-            split, outlier_channels = outlier_split_copy(classifier, calibration) if calibration else (classifier.model, 0)
-            _export(split, classifier.tokenizer, tmp / "split.onnx")
-            _quantize(tmp / "split.onnx", tmp / INT8_FILE)
-            (tmp / "split.onnx").unlink()
+            split, outlier_channels = outlier_split_copy(classifier, calibration) if calibration else (None, 0)
+            if outlier_channels:
+                _export(split, classifier.tokenizer, tmp / "split.onnx")
+                _quantize(tmp / "split.onnx", tmp / INT8_FILE)
+                (tmp / "split.onnx").unlink()
+            else:  # nothing split off: the fp32 export is the graph to quantize
+                _quantize(tmp / FP32_FILE, tmp / INT8_FILE)
             fp32 = OnnxModel(tmp / FP32_FILE)
             int8_alone = fidelity(classifier.probabilities_with(None, probe, precision="no"), classifier.probabilities_with(OnnxModel(tmp / INT8_FILE), probe))
             margin = min(0.5, RECHECK_FACTOR * int8_alone["max_change_prob_positive"]) if probe else 0.0

@@ -114,7 +114,10 @@ class Classifier:
             return
         folder, record = exported()
         agreement = record["int8_fidelity"]["identical_labels"]
-        if self.backend == "onnx-int8" and not agreement >= onnx_backend.FIDELITY_BAR:
+        if self.backend == "onnx-int8" and np.isnan(agreement):
+            print("note: int8 was not checked against PyTorch fp32 (no data set at export), so --backend auto would not "
+                  "take it", file=sys.stderr)
+        elif self.backend == "onnx-int8" and not agreement >= onnx_backend.FIDELITY_BAR:
             print(f"note: int8 gave PyTorch fp32's label on {agreement:.1%} of the check texts (largest change of P(positive) "
                   f"{record['int8_fidelity']['max_change_prob_positive']:.3f}), below the {onnx_backend.FIDELITY_BAR:.1%} that "
                   "--backend auto asks of it", file=sys.stderr)
