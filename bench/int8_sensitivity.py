@@ -85,7 +85,8 @@ def main():
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from weibo_senti.data import load_labelled_csv, split_train_val, strip_emoticons
-    from weibo_senti.onnx_backend import CHECK_TEXTS, PROBE_TEXTS, RECHECK_FACTOR, OnnxModel, _export, _quantize, fidelity, outlier_split_copy
+    from weibo_senti.onnx_backend import (CHECK_TEXTS, PROBE_TEXTS, OnnxModel, _export, _quantize, fidelity, outlier_split_copy,
+                                          recheck_margin)
     from weibo_senti.predict import Classifier
 
     cfg = cli.parse_config(globals())
@@ -109,6 +110,7 @@ def main():
             rows.append({"quantized": what, "matrices": matrices, **fidelity(reference, probabilities),
                          "largest_fp32_confidence_of_a_changed_label": float(reference[changed].max()) if changed.any() else None})
             print(f"{what}: {rows[-1]['identical_labels']:.1%} identical labels", file=sys.stderr)
+            return probabilities
 
         _export(classifier.model, classifier.tokenizer, fp32)
         kinds = weight_kinds(fp32)
@@ -126,13 +128,12 @@ def main():
         _quantize(split_path, int8, reduce_range=False)
         measure(f"all of them, {channels} outlier input channels split off in fp32", everything, quantize=False)
         _quantize(split_path, int8)
-        measure("the same with 7-bit weights (no saturation without VNNI)", everything, quantize=False)
-        alone = fidelity(classifier.probabilities_with(None, probe, precision="no"), classifier.probabilities_with(OnnxModel(int8), probe, precision="no"))
-        margin = min(0.5, RECHECK_FACTOR * alone["max_change_prob_positive"])
+        alone = measure("the same with 7-bit weights (no saturation without VNNI)", everything, quantize=False)
+        margin = recheck_margin(fidelity(classifier.probabilities_with(None, probe, precision="no"),
+                                         classifier.probabilities_with(OnnxModel(int8), probe, precision="no")))
         measure(f"the same with the second look in fp32 within {margin:.3f} of 0.5 (what --backend onnx-int8 runs)", everything,
                 quantize=False, recheck=(OnnxModel(fp32), margin))
-        plain = classifier.probabilities_with(OnnxModel(int8), texts, precision="no")
-        rows[-1]["rechecked"] = float((abs(plain[:, 1] - 0.5) < margin).mean())
+        rows[-1]["rechecked"] = float((abs(alone[:, 1] - 0.5) < margin).mean())
     result = {"command": "python bench/int8_sensitivity.py " + " ".join(sys.argv[1:]), "checkpoint": repo_relative(cfg.checkpoint),
               "texts": len(texts), "of": "validation texts without tags, against PyTorch fp32", "rows": rows}
     write_json_atomic(cfg.out.with_suffix(".json"), result)

@@ -177,6 +177,12 @@ def fidelity(reference, other):
     }
 
 
+def recheck_margin(int8_alone):
+    """The second look's margin from int8's fidelity() without it on the probe texts; 0 (no second look) without them."""
+    change = int8_alone["max_change_prob_positive"]
+    return 0.0 if math.isnan(change) else min(0.5, RECHECK_FACTOR * change)
+
+
 def ensure_exported(classifier, checkpoint):
     """(cache folder, its export.json record) of `checkpoint`, exported and measured on first use (a minute or two for e5-small on 2 cores);
     a lock makes concurrent processes (Spark's workers, several servers) wait for one export instead of repeating it."""
@@ -208,7 +214,7 @@ def _export_once(classifier, checkpoint, folder):
                 _quantize(tmp / FP32_FILE, tmp / INT8_FILE)
             fp32 = OnnxModel(tmp / FP32_FILE)
             int8_alone = fidelity(classifier.probabilities_with(None, probe, precision="no"), classifier.probabilities_with(OnnxModel(tmp / INT8_FILE), probe))
-            margin = min(0.5, RECHECK_FACTOR * int8_alone["max_change_prob_positive"]) if probe else 0.0
+            margin = recheck_margin(int8_alone)
             probabilities, speeds = {}, {}
             for backend, onnx_model in (("torch", None), ("onnx", fp32), ("onnx-int8", OnnxModel(tmp / INT8_FILE, recheck=(fp32, margin)))):
                 probabilities[backend], speeds[backend] = _timed(classifier, onnx_model, check)
