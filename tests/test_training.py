@@ -28,6 +28,19 @@ def test_short_run_lowers_the_loss_and_keeps_the_best_checkpoint(trained, method
     assert info["parameters"]["trainable"] < info["parameters"]["total"]
 
 
+@pytest.mark.parametrize("method", ["adapter_tuning", "bert_lora"])
+def test_the_model_card_says_what_checkpoint_json_says(trained, method):
+    best = trained(method)[0] / "best"
+    info = json.loads((best / "checkpoint.json").read_text(encoding="utf-8"))
+    card = (best / "README.md").read_text(encoding="utf-8")  # PEFT's empty template replaced, for LoRA too
+    assert "More Information Needed" not in card and card.startswith(f"---\nbase_model: {info['base_model']}\n")
+    assert ("library_name: peft" in card) == (method == "bert_lora")
+    assert f"| emoticon tags removed | {info['metrics']['val_no_emoticons_accuracy']:.4f} |" in card
+    assert f"{method}/predict.py --checkpoint FOLDER" in card
+    if "calibration" in info:  # written after training: the card was written again with it
+        assert f"temperature {info['calibration']['temperature']:g}" in card and "before the confidence fit" in card
+
+
 def test_checkpoint_holds_only_the_trained_weights(trained):
     output_dir, _ = trained("adapter_tuning")
     weights = load_file(output_dir / "best" / "adapter_model.safetensors")

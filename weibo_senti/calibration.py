@@ -129,7 +129,7 @@ def describe(record):
 def calibrate_checkpoint(folder, val_rows, seed, batch_size=64, say=print):
     """Fit `folder`'s bias and temperature on `val_rows` (the validation rows of the run that trained it) and write it into its
     checkpoint.json (atomically). Returns the record, or None when there were too few texts."""
-    from .checkpoint import INFO_FILE, find_checkpoint, read_info, write_json_atomic
+    from .checkpoint import find_checkpoint, read_info, write_info
     from .predict import Classifier
 
     folder = find_checkpoint(folder)
@@ -138,6 +138,6 @@ def calibrate_checkpoint(folder, val_rows, seed, batch_size=64, say=print):
     if record is None:
         say(f"{folder}: not calibrated (fewer than {MIN_TEXTS} validation texts); confidences are the softmax as it is")
         return None
-    write_json_atomic(folder / INFO_FILE, {**read_info(folder), "calibration": record})
+    write_info(folder, {**read_info(folder), "calibration": record})
     say(f"{folder}: {describe(record)}")
     return record

@@ -21,6 +21,7 @@ from .models import load_tokenizer, resolve_model
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 INFO_FILE = "checkpoint.json"
+CARD_FILE = "README.md"  # the model card, written from checkpoint.json
 TRAINING_STATE_FILE = "training_state.pt"
 LOG_FILE = "training_log.json"  # every epoch's metrics, beside best/ and last/
 LOCK_FILE = ".train.lock"  # held in OUTPUT_DIR while a training run writes there
@@ -118,7 +119,66 @@ def write_checkpoint(directory, model, tokenizer, info, training_state=None):
         tokenizer.save_pretrained(tmp)
         if training_state is not None:
             torch.save(training_state, tmp / TRAINING_STATE_FILE)
-        write_json_atomic(tmp / INFO_FILE, info)
+        write_info(tmp, info)
+
+
+def write_info(folder, info):
+    """checkpoint.json, and README.md, the model card a user opening the folder reads first (in place of PEFT's empty
+    template), written from it, so the two always agree."""
+    write_json_atomic(Path(folder) / INFO_FILE, info)
+    with atomic_file(Path(folder) / CARD_FILE) as handle:
+        handle.write(model_card(info))
+
+
+def _figure(value, digits):
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def model_card(info):
+    """What the checkpoint is, how it scores with and without emoticon tags, how its confidence was fitted, how to use it."""
+    method, metrics, run = info["method"], info.get("metrics", {}), info.get("run", {})
+    rows, parameters, calibration = info.get("data_rows", {}), info.get("parameters", {}), info.get("calibration")
+    lines = ["---", f"base_model: {info['base_model']}", *(["library_name: peft"] if method in ("lora", "bert_lora") else []),
+             "pipeline_tag: text-classification", "language: zh", f"tags: [weibo-sentiment, {method}]", "---", "",
+             f"# Weibo sentiment: {method} on {info['base_model']}", ""]
+    about = f"A checkpoint of this toolkit, trained by `{method}/train.py`"
+    if rows:
+        about += f" on `{run.get('data', 'its data')}` ({rows['train']:,} training rows, {rows['val']:,} validation)"
+    if "epoch" in info:
+        about += f", the best epoch by validation macro-F1 (epoch {info['epoch']} of {run.get('epochs', info['epoch'])})"
+    if parameters.get("total"):
+        about += (f"; {parameters['trainable']:,} of its {parameters['total']:,} weights trained "
+                  f"({100 * parameters['trainable'] / parameters['total']:.2f}%)")
+        about += ", the base stayed frozen" if parameters["trainable"] < parameters["total"] else ""
+    settings = [f"{key} {','.join(value) if isinstance(value, list) else value}" for key, value in info["method_settings"].items()]
+    if info.get("text_prefix"):
+        settings.append(f"every text prefixed with {info['text_prefix']!r}")
+    lines += [about + ".", "", *([f"Settings: {', '.join(settings)}.", ""] if settings else [])]
+    texts = f"{rows['val']:,} validation texts" if rows else "validation texts"
+    texts += ", before the confidence fit" if calibration else ""
+    lines += [f"| {texts} | accuracy | macro-F1 | recall negative / positive | calibration error |", "|---|---:|---:|---:|---:|"]
+    for label, prefix in (("as they are", "val_"), ("emoticon tags removed", "val_no_emoticons_")):
+        recalls = [metrics.get(prefix + "recall_negative"), metrics.get(prefix + "recall_positive")]
+        lines.append(f"| {label} | {_figure(metrics.get(prefix + 'accuracy'), 4)} | {_figure(metrics.get(prefix + 'macro_f1'), 4)} | "
+                     f"{' / '.join(_figure(r, 3) for r in recalls) if None not in recalls else ''} | "
+                     f"{_figure(metrics.get(prefix + 'calibration_error'), 3)} |")
+    lines += ["", "weibo_senti_100k was labelled from the emoticon tags left in its texts, so the row without them says what the "
+              "model reads in the words; crawled posts usually arrive without them."]
+    if calibration:
+        before, after = (calibration["held_out"]["without_tags"][key] for key in ("before", "after"))
+        lines += ["", f"Confidence: temperature {calibration['temperature']:g} and bias {calibration['bias']:+g}, fitted on "
+                  f"{calibration['fitted_on']}. On the other {calibration['held_out_texts']:,} without tags they move the "
+                  f"calibration error from {before['calibration_error']:.3f} to {after['calibration_error']:.3f}, the recalls from "
+                  f"{before['recall'][0]:.3f} / {before['recall'][1]:.3f} to {after['recall'][0]:.3f} / {after['recall'][1]:.3f} "
+                  f"and the accuracy from {before['accuracy']:.4f} to {after['accuracy']:.4f}. Every prediction uses them."]
+    example = "又加班到半夜，心好累"
+    command = (f'python {method}/predict.py --checkpoint FOLDER --text "{example}"' if method != "full_finetune"
+               else "python compare.py FOLDER   # the full fine-tuning reference has no predict.py; compare.py scores it")
+    lines += ["", "## Use", "", "FOLDER is this folder.", "", "```bash", command, "```", "", "```python",
+              "from weibo_senti.predict import Classifier", "", f'Classifier.load(FOLDER).predict(["{example}"])', "```", "",
+              f"`{INFO_FILE}` holds what rebuilds the model and every setting of the run (`run`); `{LOG_FILE}`, in the "
+              "run's folder, every epoch's figures."]
+    return "\n".join(lines) + "\n"
 
 
 def require_files(folder, *names):

@@ -31,7 +31,6 @@ from .checkpoint import (
     BASE_FAMILY,
     LOCK_FILE,
     LOG_FILE,
-    INFO_FILE,
     CheckpointError,
     TRAINING_STATE_FILE,
     atomic_directory,
@@ -39,6 +38,7 @@ from .checkpoint import (
     method_module,
     read_info,
     write_checkpoint,
+    write_info,
     write_json_atomic,
 )
 from .data import (
@@ -298,7 +298,7 @@ def wise_ft(cfg, method, base_path, tokenizer, settings, val_loaders, accelerato
                     shutil.copy2(file, tmp / file.name)
             write_checkpoint(best_dir, model, tokenizer, info)
         else:
-            write_json_atomic(best_dir / INFO_FILE, info)
+            write_info(best_dir, info)
     accelerator.wait_for_everyone()
 
 
