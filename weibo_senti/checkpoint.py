@@ -141,7 +141,8 @@ def model_card(info):
     lines = ["---", f"base_model: {info['base_model']}", *(["library_name: peft"] if method in ("lora", "bert_lora") else []),
              "pipeline_tag: text-classification", "language: zh", f"tags: [weibo-sentiment, {method}]", "---", "",
              f"# Weibo sentiment: {method} on {info['base_model']}", ""]
-    about = f"A checkpoint of this toolkit, trained by `{method}/train.py`"
+    script = "bench/full_finetune.py" if method == "full_finetune" else f"{method}/train.py"
+    about = f"A checkpoint of this toolkit, trained by `{script}`"
     if rows:
         about += f" on `{run.get('data', 'its data')}` ({rows['train']:,} training rows, {rows['val']:,} validation)"
     if "epoch" in info:
