@@ -138,10 +138,12 @@ def model_card(info):
     """What the checkpoint is, how it scores with and without emoticon tags, how its confidence was fitted, how to use it."""
     method, metrics, run = info["method"], info.get("metrics", {}), info.get("run", {})
     rows, parameters, calibration = info.get("data_rows", {}), info.get("parameters", {}), info.get("calibration")
-    lines = ["---", f"base_model: {info['base_model']}", *(["library_name: peft"] if method in ("lora", "bert_lora") else []),
+    reference = method == "full_finetune"  # trained by a bench script, scored by compare.py: no <method>/ folder of its own
+    peft_folder = METHOD_MODULES[method] == "weibo_senti.lora"
+    lines = ["---", f"base_model: {info['base_model']}", *(["library_name: peft"] if peft_folder else []),
              "pipeline_tag: text-classification", "language: zh", f"tags: [weibo-sentiment, {method}]", "---", "",
              f"# Weibo sentiment: {method} on {info['base_model']}", ""]
-    script = "bench/full_finetune.py" if method == "full_finetune" else f"{method}/train.py"
+    script = "bench/full_finetune.py" if reference else f"{method}/train.py"
     about = f"A checkpoint of this toolkit, trained by `{script}`"
     if rows:
         about += f" on `{run.get('data', 'its data')}` ({rows['train']:,} training rows, {rows['val']:,} validation)"
@@ -173,8 +175,8 @@ def model_card(info):
                   f"{before['recall'][0]:.3f} / {before['recall'][1]:.3f} to {after['recall'][0]:.3f} / {after['recall'][1]:.3f} "
                   f"and the accuracy from {before['accuracy']:.4f} to {after['accuracy']:.4f}. Every prediction uses them."]
     example = "又加班到半夜，心好累"
-    command = (f'python {method}/predict.py --checkpoint FOLDER --text "{example}"' if method != "full_finetune"
-               else "python compare.py FOLDER   # the full fine-tuning reference has no predict.py; compare.py scores it")
+    command = ("python compare.py FOLDER   # the full fine-tuning reference has no predict.py; compare.py scores it" if reference
+               else f'python {method}/predict.py --checkpoint FOLDER --text "{example}"')
     lines += ["", "## Use", "", "FOLDER is this folder.", "", "```bash", command, "```", "", "```python",
               "from weibo_senti.predict import Classifier", "", f'Classifier.load(FOLDER).predict(["{example}"])', "```", "",
               f"`{INFO_FILE}` holds what rebuilds the model and every setting of the run (`run`); `{LOG_FILE}`, in the "
