@@ -103,7 +103,7 @@ def test_calibrate_py_refits_and_the_model_id_changes_but_not_the_export(calibra
     assert result.returncode == 0, result.stderr
     assert "temperature" in result.stdout and "bias" in result.stdout and "without tags" in result.stdout
     assert read_info(checkpoint)["calibration"] == calibrated["calibration"]  # the same texts give the same temperature
-    assert f"temperature {calibrated['calibration']['temperature']:g}" in (checkpoint / "README.md").read_text(encoding="utf-8")
+    assert f"temperature {calibrated['calibration']['temperature']:.3f}" in (checkpoint / "README.md").read_text(encoding="utf-8")
     assert model_name(checkpoint) != before_id  # score.py rescores: its confidences changed
     assert cache_folder(checkpoint) == before_export  # the exported network did not
 

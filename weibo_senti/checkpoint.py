@@ -168,12 +168,8 @@ def model_card(info):
     lines += ["", "weibo_senti_100k was labelled from the emoticon tags left in its texts, so the row without them says what the "
               "model reads in the words; crawled posts usually arrive without them."]
     if calibration:
-        before, after = (calibration["held_out"]["without_tags"][key] for key in ("before", "after"))
-        lines += ["", f"Confidence: temperature {calibration['temperature']:g} and bias {calibration['bias']:+g}, fitted on "
-                  f"{calibration['fitted_on']}. On the other {calibration['held_out_texts']:,} without tags they move the "
-                  f"calibration error from {before['calibration_error']:.3f} to {after['calibration_error']:.3f}, the recalls from "
-                  f"{before['recall'][0]:.3f} / {before['recall'][1]:.3f} to {after['recall'][0]:.3f} / {after['recall'][1]:.3f} "
-                  f"and the accuracy from {before['accuracy']:.4f} to {after['accuracy']:.4f}. Every prediction uses them."]
+        from .calibration import describe
+        lines += ["", f"Confidence: {describe(calibration)}. Every prediction uses them."]
     example = "又加班到半夜，心好累"
     command = ("python compare.py FOLDER   # the full fine-tuning reference has no predict.py; compare.py scores it" if reference
                else f'python {method}/predict.py --checkpoint FOLDER --text "{example}"')
