@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from sklearn.linear_model import LogisticRegression
 from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
 
 from . import UserError
 from .models import HEAD_MODULES
@@ -48,7 +49,7 @@ def head_inputs(model, loader, device):
     hook = _head(model).register_forward_pre_hook(lambda module, args: captured.append(args[0].detach().float()))
     model.eval()
     try:
-        for batch in loader:
+        for batch in tqdm(loader, desc="linear probe: features", leave=False):
             captured.clear()
             model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
             vectors = captured[0]
