@@ -55,6 +55,16 @@ def test_the_merged_export_and_onnx_runtime_score_as_the_checkpoint(recipe, tmp_
     np.testing.assert_allclose(Classifier.load(recipe / "best", backend="onnx").probabilities(TEXTS), reference, atol=1e-4)
 
 
+def test_the_adapter_trains_with_the_recipe_and_onnx_runtime_scores_it_as_pytorch(tiny_models, weibo_csv, tmp_path):
+    train("adapter_tuning", tiny_models["bert"], weibo_csv, tmp_path / "out", "--epochs", "1", *RECIPE)
+    info = read_info(tmp_path / "out" / "best")
+    assert info["method_settings"]["pooling"] == "mean" and info["text_prefix"] == "passage: " and "wise_ft" in info
+    reference = Classifier.load(tmp_path / "out" / "best", backend="torch")
+    assert reference.model.base_model.pooler is None and reference.text_prefix == "passage: "
+    exported = Classifier.load(tmp_path / "out" / "best", backend="onnx")
+    np.testing.assert_allclose(exported.probabilities(TEXTS), reference.probabilities(TEXTS), atol=1e-4)
+
+
 def test_wise_ft_keeps_the_alpha_its_rule_picks_and_the_fine_tuned_weights_beside_it(recipe):
     record = read_info(recipe / "best")["wise_ft"]
     assert [row["alpha"] for row in record["candidates"]] == [0.0, 0.5, 1.0]
