@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError
 
 from . import REPO_ROOT, UserError
+from .calibration import describe as describe_calibration
 from .models import load_tokenizer, resolve_model
 
 _UMASK = os.umask(0)
@@ -168,8 +169,7 @@ def model_card(info):
     lines += ["", "weibo_senti_100k was labelled from the emoticon tags left in its texts, so the row without them says what the "
               "model reads in the words; crawled posts usually arrive without them."]
     if calibration:
-        from .calibration import describe
-        lines += ["", f"Confidence: {describe(calibration)}. Every prediction uses them."]
+        lines += ["", f"Confidence: {describe_calibration(calibration)}. Every prediction uses them."]
     example = "又加班到半夜，心好累"
     command = ("python compare.py FOLDER   # the full fine-tuning reference has no predict.py; compare.py scores it" if reference
                else f'python {method}/predict.py --checkpoint FOLDER --text "{example}"')
