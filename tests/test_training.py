@@ -88,6 +88,24 @@ def test_resume_refuses_changed_settings_and_missing_runs(tiny_models, weibo_csv
         train("adapter_tuning", tiny_models["gpt2"], weibo_csv, tmp_path, "--epochs", "1", "--resume")
 
 
+def test_resume_with_more_epochs_extends_a_finished_run_and_says_so(tiny_models, weibo_csv, tmp_path, capsys):
+    args = ("--adapter-size", "8", "--max-samples", "100", "--lr", "1e-3", "--warmup-ratio", "0")
+    train("adapter_tuning", tiny_models["gpt2"], weibo_csv, tmp_path, "--epochs", "2", *args)
+    last_weights = load_file(tmp_path / "last" / "adapter_model.safetensors")
+    with pytest.raises(UserError, match="epochs: 2 -> 1"):  # fewer epochs would leave the schedule unfinished
+        train("adapter_tuning", tiny_models["gpt2"], weibo_csv, tmp_path, "--epochs", "1", *args, "--resume")
+    capsys.readouterr()
+    log = train("adapter_tuning", tiny_models["gpt2"], weibo_csv, tmp_path, "--epochs", "3", *args, "--resume")
+    out = capsys.readouterr().out
+    assert [entry["epoch"] for entry in log] == [1, 2, 3]
+    assert "extending the run from 2 to 3 epochs" in out and "restarts at 3.33e-04" in out  # a third of LR=1e-3, decaying to 0
+    info = json.loads((tmp_path / "last" / "checkpoint.json").read_text(encoding="utf-8"))
+    assert info["run"]["epochs"] == "3" and info["extended_from_epochs"] == 2
+    assert "(epoch 3 of 3; planned as 2, extended with --resume)" in (tmp_path / "last" / "README.md").read_text(encoding="utf-8")
+    assert any(not torch.equal(tensor, load_file(tmp_path / "last" / "adapter_model.safetensors")[name])
+               for name, tensor in last_weights.items())
+
+
 def test_saved_model_predicts_like_the_in_memory_model(trained, weibo_csv):
     from weibo_senti.predict import Classifier
 

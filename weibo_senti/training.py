@@ -132,6 +132,8 @@ def _resume_state(cfg, last_dir, method_name, settings):
                               "checked against these settings. Start again with --overwrite.")
     recorded = {**info["run"], "method": info["method"], "method_settings": info["method_settings"]}
     current = {**_run_identity(cfg), "method": method_name, "method_settings": settings}
+    if int(current["epochs"]) > int(recorded["epochs"]):  # more epochs extend the run; fewer would leave its schedule unfinished
+        recorded["epochs"] = current["epochs"]
     keys = [*current, *(key for key in (*DISTILLATION_IDENTITY, *RECIPE_IDENTITY) if key in recorded and key not in current)]
     changed = [f"{key}: {recorded.get(key)} -> {current.get(key)}" for key in keys if recorded.get(key) != current.get(key)]
     if changed:
@@ -399,12 +401,18 @@ def _run(cfg, method_name, accelerator, why):
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
 
     start_epoch, best_f1, log = 0, -1.0, []
+    extended_from = read_info(resume_dir).get("extended_from_epochs") if resume_dir else None
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best_f1 = state["epoch"] + 1, state["best_f1"]
         log = json.loads(log_path.read_text(encoding="utf-8"))[:start_epoch] if log_path.is_file() else []
         say(f"resuming after epoch {start_epoch} of {cfg.epochs} (best validation macro-F1 so far {best_f1:.4f})")
+        planned = int(read_info(resume_dir)["run"]["epochs"])
+        if cfg.epochs > planned:
+            extended_from = extended_from or planned
+            say(f"extending the run from {planned} to {cfg.epochs} epochs: the learning rate's linear decay now spans {cfg.epochs} "
+                f"epochs, so it restarts at {cfg.lr * scheduler.lr_lambdas[0](scheduler.last_epoch):.2e}")
     if probe is None and resume_dir is not None:
         probe = read_info(resume_dir).get("linear_probe")
     if start_epoch >= cfg.epochs:
@@ -423,6 +431,7 @@ def _run(cfg, method_name, accelerator, why):
         "labels": list(LABEL_NAMES),
         **({"text_prefix": text_prefix} if text_prefix else {}),
         "run": _run_identity(cfg),
+        **({"extended_from_epochs": extended_from} if extended_from else {}),
         **({"linear_probe": probe} if probe else {}),
         "data_rows": {"train": len(train_rows), "val": len(val_rows)},
         "parameters": dict(zip(("total", "trainable"), count_parameters(accelerator.unwrap_model(model)))),
