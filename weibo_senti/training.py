@@ -401,20 +401,21 @@ def _run(cfg, method_name, accelerator, why):
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
 
     start_epoch, best_f1, log = 0, -1.0, []
-    extended_from = read_info(resume_dir).get("extended_from_epochs") if resume_dir else None
+    resumed = read_info(resume_dir) if resume_dir is not None else {}
+    extended_from = resumed.get("extended_from_epochs")
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best_f1 = state["epoch"] + 1, state["best_f1"]
         log = json.loads(log_path.read_text(encoding="utf-8"))[:start_epoch] if log_path.is_file() else []
         say(f"resuming after epoch {start_epoch} of {cfg.epochs} (best validation macro-F1 so far {best_f1:.4f})")
-        planned = int(read_info(resume_dir)["run"]["epochs"])
+        planned = int(resumed["run"]["epochs"])
         if cfg.epochs > planned:
             extended_from = extended_from or planned
             say(f"extending the run from {planned} to {cfg.epochs} epochs: the learning rate's linear decay now spans {cfg.epochs} "
                 f"epochs, so it restarts at {cfg.lr * scheduler.lr_lambdas[0](scheduler.last_epoch):.2e}")
-    if probe is None and resume_dir is not None:
-        probe = read_info(resume_dir).get("linear_probe")
+    if probe is None:
+        probe = resumed.get("linear_probe")
     if start_epoch >= cfg.epochs:
         say(f"nothing to do: the run in {cfg.output_dir} already finished its {cfg.epochs} epochs")
         return log
