@@ -145,7 +145,7 @@ def _resume_state(cfg, last_dir, method_name, settings):
             f"--resume: {last_dir / TRAINING_STATE_FILE} is damaged ({type(error).__name__}: {str(error).splitlines()[0][:200]}), "
             "so the run cannot continue from it. Start again with --overwrite (best/ is kept until the new run saves a better one)."
         ) from None
-    return last_dir, state
+    return last_dir, state, info
 
 
 def _mixed_precision(cfg):
@@ -338,7 +338,7 @@ def _run(cfg, method_name, accelerator, why):
     # place in the repository, so that a checkpoint never claims a base it was not trained on, and is found anywhere
     stand_in = base_path == mini_model or base_path in OFFLINE_IMPORTS.values()
     base_model = repo_relative(base_path) if stand_in else str(cfg.model)
-    resume_dir, state = _resume_state(cfg, last_dir, method_name, settings) if cfg.resume else (None, None)
+    resume_dir, state, resumed = _resume_state(cfg, last_dir, method_name, settings) if cfg.resume else (None, None, {})
 
     table, report = load_labelled_csv(cfg.data)
     say(report)
@@ -401,7 +401,6 @@ def _run(cfg, method_name, accelerator, why):
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
 
     start_epoch, best_f1, log = 0, -1.0, []
-    resumed = read_info(resume_dir) if resume_dir is not None else {}
     extended_from = resumed.get("extended_from_epochs")
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
