@@ -185,3 +185,11 @@ def test_loading_a_shipped_classifier_is_quiet(method):
         assert "MISSING" not in run.stderr and "LOAD REPORT" not in run.stderr and "Warning" not in run.stderr, run.stderr
     said = [line for line in result.stderr.strip().splitlines() if not line.startswith("exporting ")]  # the first use on a CPU without bf16
     assert len(said) == 2 and said[1].startswith("runs as: ")  # which classifier it took, and what runs it
+
+
+def test_pytorch_scores_on_a_visible_gpu_and_onnx_runtime_on_the_cpu(monkeypatch):
+    # CI has no GPU, so CUDA is made to look absent, then visible; a lent GPU checks the scoring itself (docs/predicting.md)
+    monkeypatch.setattr(predict.torch.cuda, "is_available", lambda: False)
+    assert {predict.prediction_device(backend).type for backend in predict.BACKENDS} == {"cpu"}
+    monkeypatch.setattr(predict.torch.cuda, "is_available", lambda: True)
+    assert [predict.prediction_device(backend).type for backend in ("auto", "torch", "onnx", "onnx-int8")] == ["cuda", "cuda", "cpu", "cpu"]

@@ -46,6 +46,12 @@ def runtime_options(cfg):
     return {"mixed_precision": cfg.mixed_precision, "backend": cfg.backend}
 
 
+def prediction_device(backend):
+    """Where PyTorch scores: the GPU when one is visible and the backend lets PyTorch run (torch, auto), else the CPU;
+    the ONNX Runtime paths are its CPU build. CUDA_VISIBLE_DEVICES="" keeps a GPU machine's scoring on its CPU."""
+    return torch.device("cuda" if backend in ("torch", "auto") and torch.cuda.is_available() else "cpu")
+
+
 def text_problem(text):
     """Why `text` cannot be scored, or None: every input gets a result or a named error, never a traceback."""
     if not isinstance(text, str):
@@ -75,10 +81,11 @@ class Classifier:
         """backend: torch, onnx (ONNX Runtime fp32), onnx-int8, or auto (onnx_backend.resolve_backend); the onnx ones
         export `checkpoint` (a folder) once and keep the export beside it. calibration: (temperature, bias), applied as
         softmax(logits / temperature + [0, bias]) (calibration.py fits them; checkpoint.json keeps them). text_prefix:
-        put before every text, as the model was trained (e5's "passage: ")."""
+        put before every text, as the model was trained (e5's "passage: "). The model moves to prediction_device()."""
         if model.config.num_labels != 2:
             raise CheckpointError(f"{source}: a two-class (negative, positive) classifier is needed, it has {model.config.num_labels} labels")
-        self.model, self.tokenizer, self.max_length, self.source, self.clean = model.eval(), tokenizer, max_length, source, clean
+        self.model, self.tokenizer, self.max_length, self.source, self.clean = (
+            model.to(prediction_device(backend)).eval(), tokenizer, max_length, source, clean)
         (self.temperature, self.bias), self.text_prefix = calibration, text_prefix
         self.adapter_calibrations = {}  # adapter name -> its checkpoint's (temperature, bias), for a PeftModel serving several
         # weights stay as they are; 'bf16' runs the forward pass under autocast
@@ -90,7 +97,7 @@ class Classifier:
         if use_pipeline:
             # A PeftModel's base model carries the LoRA layers and the trained head, so the pipeline sees the trained model.
             plain_model = model.get_base_model() if hasattr(model, "get_base_model") else model
-            self.pipeline = pipeline("text-classification", model=plain_model, tokenizer=tokenizer, top_k=None)
+            self.pipeline = pipeline("text-classification", model=plain_model, tokenizer=tokenizer, top_k=None, device=model.device)
 
     def _use_onnx(self, choice, checkpoint, use_pipeline):
         from . import onnx_backend
@@ -128,7 +135,8 @@ class Classifier:
     def runs_as(self):
         """What scores the texts, in words: PyTorch fp32 / bf16, ONNX Runtime fp32 / int8."""
         if self.backend == "torch":
-            return f"PyTorch {'fp32' if self.precision == 'no' else self.precision}"
+            on_gpu = f" on {torch.cuda.get_device_name(self.model.device)}" if self.model.device.type == "cuda" else ""
+            return f"PyTorch {'fp32' if self.precision == 'no' else self.precision}{on_gpu}"
         from .onnx_backend import NAMES
 
         return NAMES[self.backend]
