@@ -1,6 +1,8 @@
 """Prediction speed and fidelity of every path on the CPU it runs on, in one run: each classifier through PyTorch fp32,
 PyTorch bf16 (where the CPU computes it natively), ONNX Runtime fp32 and int8, and what --backend auto picks; with
 CTranslate2 int8 on the merged LoRA classifier as the outside reference (pip install ctranslate2; skipped without it).
+Where PyTorch sees a GPU, it measures PyTorch fp32 and bf16 there instead (CUDA_VISIBLE_DEVICES="" measures that
+machine's CPU).
 
 python bench/inference.py                     # the shipped classifiers, 1,000 validation texts after the export's 1,000
 python bench/inference.py --checkpoint models/classifiers/bert_lora --checkpoint bert_lora/output/best --texts 500
@@ -133,7 +135,12 @@ def main():
     labels = val["label"].to_numpy()
     machine = {**cpu(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
     print(f"CPU: {machine['name']} ({machine['kind']}: {', '.join(machine['flags'])}), {machine['cores']} cores", file=sys.stderr)
-    paths = [("torch", "no"), *([("torch", "bf16")] if _cpu_has_native_bf16() else []), ("onnx", "no"), ("onnx-int8", "no")]
+    if torch.cuda.is_available():
+        machine.update(kind="gpu", gpu=torch.cuda.get_device_name())
+        paths = [("torch", "no"), *([("torch", "bf16")] if torch.cuda.is_bf16_supported() else [])]
+        print(f"GPU: {machine['gpu']}: PyTorch's paths there; the CPU's with CUDA_VISIBLE_DEVICES=\"\"", file=sys.stderr)
+    else:
+        paths = [("torch", "no"), *([("torch", "bf16")] if _cpu_has_native_bf16() else []), ("onnx", "no"), ("onnx-int8", "no")]
     results = []
     with tempfile.TemporaryDirectory() as workdir:
         for checkpoint in checkpoints:
@@ -147,7 +154,7 @@ def main():
 
             auto = Classifier.load(checkpoint, backend="auto", mixed_precision="auto")
             entry = {"checkpoint": repo_relative(checkpoint), "paths": rows, "auto": {"path": auto.runs_as, "why": auto.backend_reason}}
-            if cfg.ctranslate2 and Path(cfg.ctranslate2).resolve() == checkpoint.resolve():
+            if cfg.ctranslate2 and Path(cfg.ctranslate2).resolve() == checkpoint.resolve() and "gpu" not in machine:
                 entry["paths"].append(measure_ctranslate2(checkpoint, text_sets, labels, reference, cfg.batch_size, Path(workdir)))
             results.append(entry)
     out = cfg.out.with_suffix(".json")
@@ -162,11 +169,11 @@ def main():
 def markdown(runs):
     from weibo_senti.onnx_backend import EXPORT_FORMAT
 
-    lines = ["# Prediction paths, per CPU kind", "", "Written by `bench/inference.py`; ratios against PyTorch fp32 on the same CPU, in the same run.", ""]
+    lines = ["# Prediction paths, per CPU kind", "", "Written by `bench/inference.py`; ratios against PyTorch fp32 on the same CPU (or GPU), in the same run.", ""]
     for kind, run in runs.items():
         machine = run["machine"]
         lines += [
-            f"## {kind}: {machine['name']}, {machine['cores']} cores ({', '.join(machine['flags'])})", "",
+            f"## {kind}: {machine['gpu'] + ', with ' if 'gpu' in machine else ''}{machine['name']}, {machine['cores']} cores ({', '.join(machine['flags'])})", "",
             f"`{run['command'].strip()}`: {run['texts']} validation texts, batches of {run['batch_size']}, torch {machine['torch']} on {machine['torch_threads']} threads.", "",
             *([] if run.get("onnx_export_format", 1) >= EXPORT_FORMAT else [
                 "Measured with the first int8 export (plain dynamic quantization: no outlier channels, 8-bit weights, no second "
