@@ -123,9 +123,9 @@ def main():
     import torch
 
     from weibo_senti.data import load_labelled_csv, split_train_val, strip_emoticons
-    from weibo_senti.models import _cpu_has_native_bf16
+    from weibo_senti.models import resolve_mixed_precision
     from weibo_senti.onnx_backend import CHECK_TEXTS, EXPORT_FORMAT, PROBE_TEXTS
-    from weibo_senti.predict import SHIPPED_CLASSIFIERS
+    from weibo_senti.predict import SHIPPED_CLASSIFIERS, prediction_device
 
     cfg = cli.parse_config(globals())
     checkpoints = [Path(path) for path in cfg.checkpoint] or sorted(path for path in SHIPPED_CLASSIFIERS.iterdir() if path.is_dir())
@@ -135,12 +135,13 @@ def main():
     labels = val["label"].to_numpy()
     machine = {**cpu(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
     print(f"CPU: {machine['name']} ({machine['kind']}: {', '.join(machine['flags'])}), {machine['cores']} cores", file=sys.stderr)
-    if torch.cuda.is_available():
+    device = prediction_device("torch")
+    paths = [("torch", "no"), *([("torch", "bf16")] if resolve_mixed_precision("auto", device.type)[0] == "bf16" else [])]
+    if device.type == "cuda":
         machine.update(kind="gpu", gpu=torch.cuda.get_device_name())
-        paths = [("torch", "no"), *([("torch", "bf16")] if torch.cuda.is_bf16_supported() else [])]
         print(f"GPU: {machine['gpu']}: PyTorch's paths there; the CPU's with CUDA_VISIBLE_DEVICES=\"\"", file=sys.stderr)
     else:
-        paths = [("torch", "no"), *([("torch", "bf16")] if _cpu_has_native_bf16() else []), ("onnx", "no"), ("onnx-int8", "no")]
+        paths += [("onnx", "no"), ("onnx-int8", "no")]
     results = []
     with tempfile.TemporaryDirectory() as workdir:
         for checkpoint in checkpoints:
