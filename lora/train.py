@@ -12,7 +12,7 @@ from weibo_senti import cli, lora  # noqa: E402
 
 MODEL = "uer/gpt2-chinese-cluecorpussmall"  # hub id, or a folder written by save_pretrained
 DATA = Path(os.environ.get("WEIBO_SENTI_DATA", "dataset/weibo_senti_100k.csv"))  # label,review CSV (or env WEIBO_SENTI_DATA)
-OUTPUT_DIR = Path("lora/output")  # best/ (best macro-F1), last/ (for --resume), training_log.json
+OUTPUT_DIR = Path("lora/output")  # best/ (best epoch without emoticon tags), last/ (for --resume), training_log.json
 EPOCHS = 3  # passes over the training rows
 BATCH_SIZE = 16  # texts per step (per process)
 LR = 5e-4  # AdamW peak learning rate

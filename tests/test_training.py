@@ -23,8 +23,9 @@ def test_short_run_lowers_the_loss_and_keeps_the_best_checkpoint(trained, method
         assert key in log[0]
     assert json.loads((output_dir / "training_log.json").read_text(encoding="utf-8")) == log
     info = json.loads((output_dir / "best" / "checkpoint.json").read_text(encoding="utf-8"))
-    best = max(log, key=lambda entry: entry["val_macro_f1"])
-    assert info["method"] == method and info["metrics"]["val_macro_f1"] == best["val_macro_f1"]
+    best = max(log, key=lambda entry: entry[training.SELECTION_METRIC])  # the first of equals
+    assert info["method"] == method and info["epoch"] == best["epoch"]
+    assert info["selected_by"] == {"metric": training.SELECTION_METRIC, "rule": training.SELECTION_RULES[training.SELECTION_METRIC]}
     assert info["parameters"]["trainable"] < info["parameters"]["total"]
 
 
@@ -78,6 +79,55 @@ def test_resume_continues_where_the_run_stopped(tiny_models, weibo_csv, tmp_path
         got = load_file(tmp_path / "split" / name / "adapter_model.safetensors")
         for key in expected:
             torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=0)
+
+
+def scripted_evaluation(monkeypatch, epochs):
+    """training.evaluate replaced by one that gives, epoch after epoch, macro-F1 with tags and without them on the
+    selection half as listed in `epochs`."""
+    scripted = iter(epochs)
+
+    def evaluate(model, loader, accelerator, fit_positions=None):
+        metrics = {"loss": 0.5, "accuracy": 0.5, "macro_f1": 0.5, "recall_negative": 0.5, "recall_positive": 0.5, "calibration_error": 0.1}
+        if fit_positions is None:  # the texts as they are
+            with_tags, evaluate.fit = next(scripted)
+            return {**metrics, "macro_f1": with_tags}
+        return {**metrics, **{f"fit_{key}": value for key, value in metrics.items()}, "fit_macro_f1": evaluate.fit}
+
+    monkeypatch.setattr(training, "evaluate", evaluate)
+
+
+def test_best_is_the_epoch_best_without_tags_on_the_selection_half_not_with_tags(tiny_models, weibo_csv, tmp_path, monkeypatch, capsys):
+    scripted_evaluation(monkeypatch, [(0.99, 0.70), (0.98, 0.75), (0.99, 0.75)])
+    log = train("adapter_tuning", tiny_models["gpt2"], weibo_csv, tmp_path, "--epochs", "3", "--max-samples", "100")
+    assert [entry["val_no_emoticons_fit_macro_f1"] for entry in log] == [0.70, 0.75, 0.75]
+    assert json.loads((tmp_path / "best" / "checkpoint.json").read_text())["epoch"] == 2  # higher without tags; a tie keeps the earlier
+    assert "best macro-F1 without emoticon tags on the validation texts the confidence is fitted on: 0.7500" in capsys.readouterr().out
+
+
+def test_a_run_of_an_earlier_version_resumes_under_its_rule_with_tags(tiny_models, weibo_csv, tmp_path, monkeypatch, capsys):
+    args = ("--adapter-size", "8", "--max-samples", "100")
+    train("adapter_tuning", tiny_models["gpt2"], weibo_csv, tmp_path, "--epochs", "1", *args)
+    state_path = tmp_path / "last" / "training_state.pt"
+    state = torch.load(state_path, weights_only=True)
+    del state["selected_by"], state["best_score"]
+    torch.save({**state, "best_f1": 0.5}, state_path)  # what earlier versions wrote
+    scripted_evaluation(monkeypatch, [(0.6, 0.1)])
+    train("adapter_tuning", tiny_models["gpt2"], weibo_csv, tmp_path, "--epochs", "2", *args, "--resume")
+    assert "best validation macro-F1 with the emoticon tags, the rule of runs started by earlier versions so far 0.5000" in capsys.readouterr().out
+    info = json.loads((tmp_path / "best" / "checkpoint.json").read_text())
+    assert info["epoch"] == 2 and info["selected_by"]["metric"] == "val_macro_f1"
+    assert "the best epoch by validation macro-F1 with the emoticon tags" in (tmp_path / "best" / "README.md").read_text()
+
+
+def test_the_selection_half_is_the_half_the_confidence_is_fitted_on(weibo_csv):
+    from weibo_senti.calibration import MIN_TEXTS, calibration_halves
+
+    table, _ = load_labelled_csv(weibo_csv)
+    fit, held_out = calibration_halves(table, 42)
+    positions = training.selection_positions(table, 42)
+    assert len(table) >= MIN_TEXTS and sorted(positions) == sorted(fit.index) and not set(positions) & set(held_out.index)
+    few = table.iloc[: MIN_TEXTS - 1]
+    assert list(training.selection_positions(few, 42)) == list(range(len(few)))  # too few to halve: all of them
 
 
 def test_resume_refuses_changed_settings_and_missing_runs(tiny_models, weibo_csv, tmp_path):

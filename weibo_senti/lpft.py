@@ -101,7 +101,7 @@ def interpolate(model, finetuned, probe, alpha):
             parameter.copy_(probe[name] + alpha * (finetuned[name] - probe[name]))
 
 
-def choose_alpha(candidates, tolerance):
-    """The smallest alpha whose accuracy without tags is within `tolerance` of the best candidate's."""
-    best = max(row["accuracy"] for row in candidates)
-    return min(row["alpha"] for row in candidates if row["accuracy"] >= best - tolerance)
+def choose_alpha(candidates, tolerance, key="accuracy"):
+    """The smallest alpha whose `key` (an accuracy without tags) is within `tolerance` of the best candidate's."""
+    best = max(row[key] for row in candidates)
+    return min(row["alpha"] for row in candidates if row[key] >= best - tolerance)
