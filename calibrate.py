@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from weibo_senti import REPO_ROOT, UserError, cli  # noqa: E402
+from weibo_senti import UserError, cli  # noqa: E402
 
 DATA = ""  # the labelled CSV the checkpoint was trained on ("" = the one its checkpoint.json names)
 BATCH_SIZE = 64  # texts per model call
@@ -19,22 +19,15 @@ BATCH_SIZE = 64  # texts per model call
 
 def main(argv=None):
     cfg = cli.parse_config(globals(), argv, positional=("checkpoints", "checkpoint folders to calibrate"))
-    from weibo_senti.calibration import calibrate_checkpoint
+    from weibo_senti.calibration import calibrate_checkpoint, run_validation_rows
     from weibo_senti.checkpoint import read_info
-    from weibo_senti.data import load_labelled_csv, split_train_val
 
     if not cfg.checkpoints:
         raise UserError("name the checkpoint folders to calibrate, e.g. python calibrate.py adapter_tuning/output/best")
     infos = {checkpoint: read_info(checkpoint) for checkpoint in cfg.checkpoints}  # a damaged one is named before any work
     for checkpoint, info in infos.items():
-        run = info.get("run", {})
-        if not {"data", "seed", "val_fraction", "max_samples"} <= run.keys():
-            raise UserError(f"{checkpoint}: its checkpoint.json does not record the run's data and split, so its validation "
-                            "texts are unknown; retrain it with train.py (which calibrates by itself)")
-        data = Path(cfg.data or run["data"])
-        table, _ = load_labelled_csv(data if data.is_absolute() or cfg.data else REPO_ROOT / data)
-        _, val = split_train_val(table, float(run["val_fraction"]), int(run["seed"]), int(run["max_samples"]))
-        calibrate_checkpoint(checkpoint, val, int(run["seed"]), cfg.batch_size)
+        val = run_validation_rows(checkpoint, info, cfg.data)
+        calibrate_checkpoint(checkpoint, val, int(info["run"]["seed"]), cfg.batch_size)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,18 @@ def test_no_tag_errors_reports_accuracy_by_length_and_the_surest_errors(trained,
     assert 0 <= report["expected_calibration_error_without_tags"] <= 0.5
 
 
+def test_selection_rule_keeps_the_checkpoint_best_without_tags_on_the_half_that_chooses(trained, tmp_path):
+    output_dir, log = trained("adapter_tuning")
+    out = tmp_path / "selection.json"
+    result = run_script(REPO_ROOT / "bench" / "selection_rule.py", output_dir / "last", output_dir / "best", "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert [row["epoch"] for row in report["checkpoints"]] == [len(log), json.loads((output_dir / "best" / "checkpoint.json").read_text())["epoch"]]
+    fit = [row["fit_half"]["macro_f1"] for row in report["checkpoints"]]
+    assert report["kept"] == report["checkpoints"][fit.index(max(fit))]["checkpoint"]  # the first listed of equals
+    assert report["checkpoints"][0]["fit_half"]["macro_f1"] == pytest.approx(log[-1]["val_no_emoticons_fit_macro_f1"], abs=0.03)
+
+
 def test_length_bench_scores_the_longest_texts_at_each_cut(trained, weibo_csv, tmp_path):
     checkpoint = trained("bert_lora")[0] / "best"
     out = tmp_path / "length"

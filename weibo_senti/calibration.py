@@ -10,6 +10,8 @@ Both are fitted on half the validation texts with their emoticon tags removed (t
 and reported on the other half, with and without tags. checkpoint.json keeps them and that report; every prediction
 path (predict.py, serve.py, score.py, compare.py) applies them.
 """
+from pathlib import Path
+
 import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
@@ -33,6 +35,22 @@ def calibration_halves(val_rows, seed):
         return val_rows.iloc[:0], val_rows
     stratify = val_rows["label"] if val_rows["label"].value_counts().min() >= 2 else None
     return train_test_split(val_rows, test_size=0.5, stratify=stratify, random_state=seed)
+
+
+def run_validation_rows(checkpoint, info, data=""):
+    """The validation rows of the run that trained `checkpoint`: its data (or `data`), seed, fraction and subset, as its
+    checkpoint.json (`info`) records them."""
+    from . import REPO_ROOT, UserError
+    from .data import load_labelled_csv, split_train_val
+
+    run = info.get("run", {})
+    if not {"data", "seed", "val_fraction", "max_samples"} <= run.keys():
+        raise UserError(f"{checkpoint}: its checkpoint.json does not record the run's data and split, so its validation "
+                        "texts are unknown; retrain it with train.py (which calibrates by itself)")
+    path = Path(data or run["data"])
+    table, _ = load_labelled_csv(path if path.is_absolute() or data else REPO_ROOT / path)
+    _, val = split_train_val(table, float(run["val_fraction"]), int(run["seed"]), int(run["max_samples"]))
+    return val
 
 
 def _logits(probabilities):
