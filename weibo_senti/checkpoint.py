@@ -149,9 +149,10 @@ def model_card(info):
     if rows:
         about += f" on `{run.get('data', 'its data')}` ({rows['train']:,} training rows, {rows['val']:,} validation)"
     if "epoch" in info:
-        rule = (info.get("selected_by") or {}).get("rule", "validation macro-F1")
-        about += f", the best epoch by {rule} (epoch {info['epoch']} of {run.get('epochs', info['epoch'])}"
-        about += f"; planned as {info['extended_from_epochs']}, extended with --resume)" if "extended_from_epochs" in info else ")"
+        selected = info.get("selected_by") or {}
+        about += f", the best epoch by {selected.get('rule', 'validation macro-F1')} (epoch {info['epoch']} of {run.get('epochs', info['epoch'])}"
+        about += f"; planned as {info['extended_from_epochs']}, extended with --resume" if "extended_from_epochs" in info else ""
+        about += f"; chosen {selected['applied']})" if "applied" in selected else ")"
     if parameters.get("total"):
         about += (f"; {parameters['trainable']:,} of its {parameters['total']:,} weights trained "
                   f"({100 * parameters['trainable'] / parameters['total']:.2f}%)")
