@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+from transformers import AutoConfig
 
 import tiny
 from conftest import run_script
@@ -120,6 +121,23 @@ def test_predict_uses_the_shipped_classifier_until_one_is_trained_and_says_so(tr
 
     predict.main(output_dir / "best", "adapter_tuning", ["--text", TEXTS[0]])  # a trained checkpoint wins, silently
     assert "shipped" not in capsys.readouterr().err
+
+
+def test_score_py_takes_the_shipped_scoring_classifier_until_one_is_trained(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(predict, "REPO_ROOT", tmp_path)
+    assert predict.default_scoring_classifier() == predict.SCORING_CLASSIFIER
+    assert f"using the classifier shipped with the repository, {predict.SCORING_CLASSIFIER}" in capsys.readouterr().err
+    trained = tmp_path / predict.DEFAULT_METHOD / "output" / "best"
+    trained.mkdir(parents=True)
+    assert predict.default_scoring_classifier() == trained
+
+
+def test_the_scoring_classifier_is_smaller_and_within_a_point_of_the_default_without_tags():
+    """The stated rule, on the half of the validation texts that neither chose the epoch nor fitted the calibration."""
+    fast, best = read_info(predict.SCORING_CLASSIFIER), read_info(SHIPPED_CLASSIFIERS / predict.DEFAULT_METHOD)
+    held_out = [info["calibration"]["held_out"]["without_tags"]["after"]["accuracy"] for info in (fast, best)]
+    assert held_out[1] - held_out[0] <= 0.01
+    assert 0 < fast["method_settings"]["base_layers"] < AutoConfig.from_pretrained(REPO_ROOT / best["base_model_path"]).num_hidden_layers
 
 
 @pytest.mark.parametrize("method", sorted(p.name for p in SHIPPED_CLASSIFIERS.iterdir()))

@@ -29,6 +29,8 @@ SENTIMENTS = ("负面情感", "正面情感")  # label 0, label 1, as the origin
 DEFAULT_MAX_LENGTH = 128
 SHIPPED_CLASSIFIERS = MODELS_DIR / "classifiers"  # <method>/: the classifiers committed with the repository
 DEFAULT_METHOD = "adapter_tuning"  # the default classifier's method: the best shipped one without tags (README, Results)
+# score.py's default: the fastest shipped classifier within 1 point of the best without tags (docs/results.md, the student)
+SCORING_CLASSIFIER = SHIPPED_CLASSIFIERS / "e5_student_4layers"
 
 
 def clean_text(text):
@@ -396,9 +398,16 @@ def default_classifier():
     return DEFAULT_METHOD, default_checkpoint(REPO_ROOT / DEFAULT_METHOD / "output" / "best", DEFAULT_METHOD)
 
 
-def default_checkpoint(trained, method):
-    """The user's own best checkpoint; before one is trained, the classifier shipped with the repository."""
-    shipped = SHIPPED_CLASSIFIERS / method
+def default_scoring_classifier():
+    """score.py's checkpoint unless told: the user's own trained DEFAULT_METHOD output/best, or before one is trained the
+    shipped SCORING_CLASSIFIER (whole crawls are where speed counts most)."""
+    return default_checkpoint(REPO_ROOT / DEFAULT_METHOD / "output" / "best", DEFAULT_METHOD, SCORING_CLASSIFIER)
+
+
+def default_checkpoint(trained, method, shipped=None):
+    """The user's own best checkpoint; before one is trained, the classifier shipped with the repository (`shipped`, or
+    the one of `method`)."""
+    shipped = shipped or SHIPPED_CLASSIFIERS / method
     if find_checkpoint(trained).is_dir() or not shipped.is_dir():
         return trained
     info = read_info(shipped)
