@@ -59,7 +59,7 @@ RECIPE_IDENTITY = ("text_prefix", "linear_probe")
 
 # best/ is the epoch with the highest macro-F1 without emoticon tags (the texts users score have none), on the half of
 # the validation texts the confidence is later fitted on; the other half stays unseen by both, for an honest report.
-# With the tags, macro-F1 stops moving after an epoch or two (7,307 of 7,380 right for every e5 run) and then picks
+# With the tags, macro-F1 stops moving after an epoch or two (7,307 of 7,380 right for both e5 students) and then picks
 # between epochs on a text or none. A run started under the earlier rule keeps it when resumed.
 SELECTION_METRIC = "val_no_emoticons_fit_macro_f1"
 SELECTION_RULES = {
@@ -301,7 +301,7 @@ def wise_ft(cfg, method, base_path, tokenizer, settings, val_loaders, fit_positi
     probe = load_probe_state(cfg.output_dir / PROBE_FILE)
     candidates = []
     for alpha in parse_alphas(cfg.wise_alphas):
-        if alpha == 1 and "val_no_emoticons_fit_accuracy" in info["metrics"]:  # as its epoch scored it (a run of an earlier version: again)
+        if alpha == 1 and "val_no_emoticons_fit_accuracy" in info["metrics"]:  # as its epoch scored it (else, an earlier version's: again)
             metrics = {key.removeprefix("val_no_emoticons_"): value for key, value in info["metrics"].items() if key.startswith("val_no_emoticons_")}
         else:
             interpolate(model, finetuned, probe, alpha)
