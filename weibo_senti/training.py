@@ -517,7 +517,8 @@ def _run(cfg, method_name, accelerator, why):
             f"epoch {epoch + 1}: train loss {entry['train_loss']:.4f} | validation acc {entry['val_accuracy']:.4f} "
             f"macro-F1 {entry['val_macro_f1']:.4f} | without emoticons acc {entry['val_no_emoticons_accuracy']:.4f} "
             f"macro-F1 {entry['val_no_emoticons_macro_f1']:.4f} recall neg/pos {entry['val_no_emoticons_recall_negative']:.3f}/"
-            f"{entry['val_no_emoticons_recall_positive']:.3f} calibration error {entry['val_no_emoticons_calibration_error']:.3f} | {train_seconds:.0f}s"
+            f"{entry['val_no_emoticons_recall_positive']:.3f} calibration error {entry['val_no_emoticons_calibration_error']:.3f} | "
+            f"{selected_by}: {entry[selected_by]:.4f} | {train_seconds:.0f}s"
         )
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
