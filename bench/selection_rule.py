@@ -11,11 +11,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from weibo_senti import UserError, cli, repo_relative  # noqa: E402
-from weibo_senti.calibration import run_validation_rows  # noqa: E402
+from weibo_senti.calibration import SPLIT_KEYS, run_validation_rows  # noqa: E402
 from weibo_senti.checkpoint import read_info, write_json_atomic  # noqa: E402
 from weibo_senti.data import detailed_scores, strip_emoticons  # noqa: E402
 from weibo_senti.predict import Classifier  # noqa: E402
-from weibo_senti.training import selection_positions  # noqa: E402
+from weibo_senti.training import SELECTION_METRIC, SELECTION_RULES, selection_positions  # noqa: E402
 
 BATCH_SIZE = 64  # texts per model call
 OUT = Path("results/selection_rule.json")
@@ -33,15 +33,16 @@ def main(argv=None):
     if len(cfg.checkpoints) < 2:
         raise UserError("name at least two checkpoint folders of one run, e.g. its best/ and last/")
     infos = {checkpoint: read_info(checkpoint) for checkpoint in cfg.checkpoints}
-    splits = {checkpoint: {key: info.get("run", {}).get(key) for key in ("data", "seed", "val_fraction", "max_samples")}
+    splits = {checkpoint: {key: info.get("run", {}).get(key) for key in SPLIT_KEYS}
               for checkpoint, info in infos.items()}
     if len({str(split) for split in splits.values()}) > 1:
         raise UserError("these checkpoints were not validated on the same texts: " + "; ".join(f"{c}: {s}" for c, s in splits.items()))
+    first, info = next(iter(infos.items()))  # one split for all, checked above: read once
+    val = run_validation_rows(first, info)
+    fit = val.iloc[selection_positions(val, int(info["run"]["seed"]))]
+    held_out = val.drop(fit.index)  # none under 200 validation texts
     rows = []
     for checkpoint, info in infos.items():
-        val = run_validation_rows(checkpoint, info)
-        fit = val.iloc[selection_positions(val, int(info["run"]["seed"]))]
-        held_out = val.drop(fit.index)  # none under 200 validation texts
         classifier = Classifier.load(checkpoint, mixed_precision="auto")
         classifier.temperature, classifier.bias = 1.0, 0.0  # as the epoch was scored
         row = {"checkpoint": repo_relative(Path(checkpoint)), "epoch": info.get("epoch"),
@@ -54,8 +55,7 @@ def main(argv=None):
     kept = max(rows, key=lambda row: row["fit_half"]["macro_f1"])
     print(f"the rule keeps {kept['checkpoint']} (epoch {kept['epoch']})")
     write_json_atomic(cfg.out, {"command": "python bench/selection_rule.py " + " ".join(str(c) for c in cfg.checkpoints),
-                                "rule": "the highest macro-F1 without tags on the half of the validation texts the "
-                                        "confidence is fitted on, before calibration; the earlier listed on a tie",
+                                "rule": f"the highest {SELECTION_RULES[SELECTION_METRIC]}, before calibration; the earlier listed on a tie",
                                 "checkpoints": rows, "kept": kept["checkpoint"]})
     print(f"wrote {cfg.out}")
 

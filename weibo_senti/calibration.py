@@ -37,6 +37,9 @@ def calibration_halves(val_rows, seed):
     return train_test_split(val_rows, test_size=0.5, stratify=stratify, random_state=seed)
 
 
+SPLIT_KEYS = ("data", "seed", "val_fraction", "max_samples")  # what of a run's record fixes its validation rows
+
+
 def run_validation_rows(checkpoint, info, data=""):
     """The validation rows of the run that trained `checkpoint`: its data (or `data`), seed, fraction and subset, as its
     checkpoint.json (`info`) records them."""
@@ -44,7 +47,7 @@ def run_validation_rows(checkpoint, info, data=""):
     from .data import load_labelled_csv, split_train_val
 
     run = info.get("run", {})
-    if not {"data", "seed", "val_fraction", "max_samples"} <= run.keys():
+    if not set(SPLIT_KEYS) <= run.keys():
         raise UserError(f"{checkpoint}: its checkpoint.json does not record the run's data and split, so its validation "
                         "texts are unknown; retrain it with train.py (which calibrates by itself)")
     path = Path(data or run["data"])
