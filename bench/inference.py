@@ -32,17 +32,15 @@ TEXTS = 1000  # validation texts measured: those after the ones the ONNX export 
 BATCH_SIZE = 64  # texts per model call
 CTRANSLATE2 = "models/classifiers/bert_lora"  # the LoRA classifier CTranslate2 runs merged, in int8 ("" = skip)
 OUT = Path("results/inference")  # .json (one entry per CPU kind) and .md
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
 def cpu():
-    """The CPU's name, the flags that decide these paths' speed, and a short kind to key the results by."""
+    """The CPU's name, the flags that decide these paths' speed (as the kernels see them: CPUID), and its kind, which keys the results."""
+    from weibo_senti.models import cpu_flags, cpu_kind
+
     text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace") if Path("/proc/cpuinfo").is_file() else ""
     name = re.search(r"^model name\s*:\s*(.*)$", text, re.M)
-    flags = set(re.search(r"^flags\s*:\s*(.*)$", text, re.M).group(1).split()) if "flags" in text else set()
-    present = [flag for flag in CPU_FLAGS if flag in flags]
-    kind = "bf16" if {"avx512_bf16", "amx_bf16"} & flags else "vnni" if {"avx512_vnni", "avx_vnni"} & flags else "avx2" if "avx2" in flags else "other"
-    return {"kind": kind, "name": name.group(1).strip() if name else platform.processor(), "flags": present, "cores": os.cpu_count()}
+    return {"kind": cpu_kind(), "name": name.group(1).strip() if name else platform.processor(), "flags": cpu_flags(), "cores": os.cpu_count()}
 
 
 def timed(classifier, texts, batch_size):

@@ -1,6 +1,7 @@
 import shutil
 
 import pytest
+import torch
 
 from weibo_senti import models
 from weibo_senti.models import ModelNotFound, resolve_model
@@ -108,6 +109,21 @@ def test_offline_the_hub_is_not_retried_and_its_local_cache_still_serves(tmp_pat
     with pytest.raises(ModelNotFound, match="the hub is not reachable from here"):
         resolve_model("uer/gpt2-chinese-cluecorpussmall")
     assert time.perf_counter() - started < 5
+
+
+@pytest.mark.parametrize("capabilities, kind", [
+    ({"avx2": True, "avx512_f": True, "avx512_vnni": True, "avx512_bf16": True}, "bf16"),  # AMD Zen 4, Intel Cooper Lake
+    ({"avx2": True, "avx512_f": True, "amx_bf16": True, "amx_int8": True}, "bf16"),
+    ({"avx2": True, "avx512_f": True, "avx512_vnni": True}, "vnni"),  # Cascade Lake, Ice Lake
+    ({"avx2": True, "avx_vnni": True}, "vnni"),  # Alder Lake
+    ({"avx2": True, "avx512_f": False}, "avx2"),  # Zen 2 and 3, Haswell to Coffee Lake, or AVX-512 hidden by an emulator
+    ({"asimd": True}, "other"),
+])
+def test_the_cpu_kind_is_what_the_cpu_reports_to_the_kernels(monkeypatch, capabilities, kind):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    assert models.cpu_kind() == kind and set(models.cpu_flags()) <= {flag for flag, present in capabilities.items() if present}
+    assert models._cpu_has_native_bf16() == (kind == "bf16")
 
 
 def test_a_onednn_isa_cap_below_bf16_counts_as_a_cpu_without_native_bf16(monkeypatch):

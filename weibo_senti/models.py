@@ -3,7 +3,6 @@ and choose the precision models compute in."""
 import contextlib
 import json
 import os
-import re
 import shutil
 import socket
 import sys
@@ -232,14 +231,29 @@ def fine_tuning_defaults(base_path, method):
 _ONEDNN_ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
 
 
+# the instruction sets that decide which kernels PyTorch, oneDNN and ONNX Runtime run, by torch.cpu.get_capabilities()'s names
+CPU_FLAGS = ("avx2", "avx512_f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_flags():
+    """Those of CPU_FLAGS this CPU has, as it reports them to the kernels (CPUID, read by torch's cpuinfo), which is
+    what the kernels go by: under an emulator or a hypervisor that hides AVX-512, /proc/cpuinfo can say otherwise."""
+    capabilities = torch.cpu.get_capabilities()
+    return [flag for flag in CPU_FLAGS if capabilities.get(flag)]
+
+
+def cpu_kind():
+    """bf16 (AVX512_BF16 or AMX), vnni (int8 dot products: AVX512_VNNI or AVX-VNNI), avx2, or other: what decides
+    which path is fastest here, so speeds measured on one kind are not used on another."""
+    flags = set(cpu_flags())
+    return ("bf16" if flags & {"avx512_bf16", "amx_bf16"} else "vnni" if flags & {"avx512_vnni", "avx_vnni"}
+            else "avx2" if "avx2" in flags else "other")
+
+
 def _cpu_has_native_bf16():
     if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _ONEDNN_ISAS_WITHOUT_BF16:
         return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+    return cpu_kind() == "bf16"
 
 
 def resolve_mixed_precision(choice, device_type):
