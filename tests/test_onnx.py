@@ -39,10 +39,11 @@ def test_the_onnx_export_scores_as_pytorch_does(checkpoints, method, capsys):
     folder = onnx_backend.cache_folder(checkpoints[method])
     assert folder.parent == checkpoints[method] / "onnx" and folder.name.startswith(method + "-")
     record = json.loads((folder / onnx_backend.RECORD_FILE).read_text(encoding="utf-8"))
-    fidelity = record["int8_fidelity"]
+    measured = record["measured"][onnx_backend.cpu_kind()]
+    fidelity = measured["int8_fidelity"]
     assert fidelity["texts"] == onnx_backend.CHECK_TEXTS and 0 <= fidelity["identical_labels"] <= 1
     assert 0 <= fidelity["max_change_prob_positive"] <= 1
-    assert all(record["texts_per_second"][backend] > 0 for backend in ("torch", "onnx", "onnx-int8"))
+    assert all(measured["texts_per_second"][backend] > 0 for backend in ("torch", "onnx", "onnx-int8"))
     alone = record["int8"]["without_recheck_on_probe_texts"]
     assert alone["texts"] == onnx_backend.PROBE_TEXTS
     assert record["int8"]["recheck_margin"] == pytest.approx(min(0.5, onnx_backend.RECHECK_FACTOR * alone["max_change_prob_positive"]))
@@ -101,6 +102,37 @@ def test_auto_takes_the_fastest_path_measured_at_export_and_int8_only_where_it_k
         onnx_backend.resolve_backend("fast", False, record(1.0))
 
 
+def test_each_kind_of_cpu_measures_the_paths_for_itself_once(checkpoints, tmp_path, monkeypatch, capsys):
+    # as where an export folder is shared by machines of several kinds (a Spark cluster, an image built on another CPU)
+    copy = shutil.copytree(checkpoints["bert_lora"], tmp_path / "bert_lora", ignore=shutil.ignore_patterns("onnx"))
+    record_file = onnx_backend.cache_folder(copy) / onnx_backend.RECORD_FILE
+
+    def load_on(kind):
+        monkeypatch.setattr(onnx_backend, "cpu_kind", lambda: kind)
+        classifier = Classifier.load(copy, backend="auto", mixed_precision="no")
+        return classifier, capsys.readouterr().err, json.loads(record_file.read_text(encoding="utf-8"))
+
+    _, said, record = load_on("vnni")
+    assert "exporting" in said and list(record["measured"]) == ["vnni"]
+    classifier, said, record = load_on("avx2")
+    assert "exporting" not in said and "measuring the ONNX paths" in said and "(avx2; once)" in said
+    assert list(record["measured"]) == ["vnni", "avx2"] and record["measured"]["avx2"]["int8_fidelity"]["texts"] == onnx_backend.CHECK_TEXTS
+    assert "measured on this kind of CPU" in classifier.backend_reason
+    _, said, _ = load_on("avx2")
+    assert "measuring" not in said  # kept
+
+    # an export made before the measurements were kept per kind: its one measurement, of an unnamed CPU, is made again
+    legacy = {key: value for key, value in record.items() if key != "measured"}
+    record_file.write_text(json.dumps({**legacy, **record["measured"]["vnni"]}), encoding="utf-8")
+    _, said, record = load_on("avx2")
+    assert "measuring" in said and list(record["measured"]) == ["avx2"] and "int8_fidelity" not in record
+
+    # a folder that cannot be written: measured for the process alone, and said so
+    with read_only(record_file.parent):
+        classifier, said, record = load_on("other")
+        assert "not kept" in said and "other" not in record["measured"] and classifier.backend in onnx_backend.NAMES
+
+
 def test_a_retrained_checkpoint_is_exported_anew_and_a_read_only_one_exports_elsewhere(checkpoints, tmp_path, monkeypatch):
     copy = shutil.copytree(checkpoints["lora"], tmp_path / "lora", ignore=shutil.ignore_patterns("onnx"))
     before = onnx_backend.cache_folder(copy)
@@ -119,7 +151,7 @@ def test_predict_py_says_what_it_runs_as_and_warns_of_int8_below_the_bar(checkpo
     assert done.returncode == 0, done.stderr
     assert "runs as: ONNX Runtime int8 (as asked)" in done.stderr
     record = json.loads((onnx_backend.cache_folder(checkpoints["lora"]) / onnx_backend.RECORD_FILE).read_text(encoding="utf-8"))
-    assert ("below the 99.5%" in done.stderr) == (record["int8_fidelity"]["identical_labels"] < 0.995)
+    assert ("below the 99.5%" in done.stderr) == (record["measured"][onnx_backend.cpu_kind()]["int8_fidelity"]["identical_labels"] < 0.995)
     assert "置信度" in done.stdout
 
 

@@ -27,7 +27,8 @@ import torch
 from filelock import FileLock
 
 from . import UserError
-from .checkpoint import CheckpointError, atomic_directory, find_checkpoint, model_name
+from .checkpoint import CheckpointError, atomic_directory, find_checkpoint, model_name, write_json_atomic
+from .models import cpu_flags, cpu_kind
 from .predict import BACKENDS
 
 FIDELITY_BAR = 0.995  # the least share of check texts whose int8 label must equal fp32's for `auto` to choose int8
@@ -184,12 +185,37 @@ def recheck_margin(int8_alone):
 
 
 def ensure_exported(classifier, checkpoint):
-    """(cache folder, its export.json record) of `checkpoint`, exported and measured on first use (a minute or two for e5-small on 2 cores);
-    a lock makes concurrent processes (Spark's workers, several servers) wait for one export instead of repeating it."""
-    folder = cache_folder(checkpoint)
+    """(cache folder, its export.json record, the record's measurement on this CPU's kind) of `checkpoint`, exported and
+    measured on first use (a minute or two for e5-small on 2 cores). A CPU of another kind (models.cpu_kind) than the
+    ones measured before, as where the folder is shared by machines of several kinds, measures the paths again for
+    itself (half a minute): which path is fastest, and int8's kernels, differ between them. A lock makes concurrent
+    processes (Spark's workers, several servers) wait for one export or measurement instead of repeating it."""
+    folder, kind = cache_folder(checkpoint), cpu_kind()
     if not (folder / RECORD_FILE).is_file():
         _export_once(classifier, checkpoint, folder)
-    return folder, json.loads((folder / RECORD_FILE).read_text(encoding="utf-8"))
+    record = json.loads((folder / RECORD_FILE).read_text(encoding="utf-8"))
+    if kind not in record.get("measured", {}):
+        measured = None
+        try:
+            with FileLock(str(folder) + ".lock"):
+                measured = _measured_here(classifier, folder, kind)
+                write_json_atomic(folder / RECORD_FILE, measured)
+        except OSError as error:  # a folder this process may read but not write: measured for this process alone
+            print(f"note: the measurement is not kept ({error.strerror or error}), so the next process measures again", file=sys.stderr)
+        record = measured or _measured_here(classifier, folder, kind)
+    return folder, record, record["measured"][kind]
+
+
+def _measured_here(classifier, folder, kind):
+    """export.json's record with this CPU kind's measurement in it, measured unless another process has just done so."""
+    record = json.loads((folder / RECORD_FILE).read_text(encoding="utf-8"))
+    if kind not in record.get("measured", {}):
+        print(f"measuring the ONNX paths of {classifier.source} on this kind of CPU ({kind}; once)", file=sys.stderr)
+        # an export made before measurements were kept per CPU kind has one, of a CPU it did not name: measured anew
+        record = {key: value for key, value in record.items() if key not in ("int8_fidelity", "texts_per_second")}
+        record.setdefault("measured", {})[kind] = _measured(
+            classifier, OnnxModel(folder / FP32_FILE), folder / INT8_FILE, record["int8"]["recheck_margin"], export_texts()[2])
+    return record
 
 
 def _export_once(classifier, checkpoint, folder):
@@ -212,23 +238,30 @@ def _export_once(classifier, checkpoint, folder):
                 (tmp / "split.onnx").unlink()
             else:  # nothing split off: the fp32 export is the graph to quantize
                 _quantize(tmp / FP32_FILE, tmp / INT8_FILE)
-            fp32 = OnnxModel(tmp / FP32_FILE)
             int8_alone = fidelity(classifier.probabilities_with(None, probe, precision="no"), classifier.probabilities_with(OnnxModel(tmp / INT8_FILE), probe))
             margin = recheck_margin(int8_alone)
-            probabilities, speeds = {}, {}
-            for backend, onnx_model in (("torch", None), ("onnx", fp32), ("onnx-int8", OnnxModel(tmp / INT8_FILE, recheck=(fp32, margin)))):
-                probabilities[backend], speeds[backend] = _timed(classifier, onnx_model, check)
             record = {
                 "model_id": model_name(checkpoint),
                 "opset": OPSET,
                 "versions": {"torch": torch.__version__, "onnxruntime": _onnxruntime().__version__},
                 "int8": {"outlier_channels": outlier_channels, "outlier_factor": OUTLIER_FACTOR, "weights": "7-bit, per channel",
                          "recheck_margin": margin, "without_recheck_on_probe_texts": {"texts": len(probe), **int8_alone}},
-                "int8_fidelity": {"texts": len(check), "of": "validation texts without tags after the probe texts, against PyTorch fp32",
-                                  **fidelity(probabilities["torch"], probabilities["onnx-int8"])},
-                "texts_per_second": {"measured_on": "the check texts, by the process that exported", **speeds},
+                "measured": {cpu_kind(): _measured(classifier, OnnxModel(tmp / FP32_FILE), tmp / INT8_FILE, margin, check)},
             }
             (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
+
+
+def _measured(classifier, fp32, int8_path, margin, check):
+    """Each path's speed and int8's fidelity to PyTorch fp32 on the check texts, on this CPU."""
+    probabilities, speeds = {}, {}
+    for backend, onnx_model in (("torch", None), ("onnx", fp32), ("onnx-int8", OnnxModel(int8_path, recheck=(fp32, margin)))):
+        probabilities[backend], speeds[backend] = _timed(classifier, onnx_model, check)
+    return {
+        "cpu": {"flags": cpu_flags(), "threads": torch.get_num_threads()},
+        "int8_fidelity": {"texts": len(check), "of": "validation texts without tags after the probe texts, against PyTorch fp32",
+                          **fidelity(probabilities["torch"], probabilities["onnx-int8"])},
+        "texts_per_second": {"measured_on": "the check texts", **speeds},
+    }
 
 
 def _timed(classifier, onnx_model, texts):
@@ -285,17 +318,17 @@ def check_backend(choice):
         raise UserError(f"--backend {choice}: not one of {', '.join(BACKENDS)}")
 
 
-def resolve_backend(choice, bf16, exported_record):
-    """(backend, why) for --backend `choice` on the CPU; exported_record() exports when needed and returns export.json's
-    record. auto: PyTorch where it computes in bf16 (natively, the fastest path there); on any other CPU the fastest of
-    PyTorch fp32, ONNX Runtime fp32 and ONNX Runtime int8 as measured at export, int8 only when its labels matched
-    fp32's on >= 99.5% of the check texts."""
+def resolve_backend(choice, bf16, measured_here):
+    """(backend, why) for --backend `choice` on the CPU; measured_here() exports and measures when needed and returns
+    export.json's measurement on this CPU's kind. auto: PyTorch where it computes in bf16 (natively, the fastest path
+    there); on any other CPU the fastest of PyTorch fp32, ONNX Runtime fp32 and ONNX Runtime int8 as measured on this
+    kind of CPU, int8 only when its labels matched fp32's on >= 99.5% of the check texts."""
     check_backend(choice)
     if choice != "auto":
         return choice, "as asked"
     if bf16:
         return "torch", "auto: PyTorch in bf16, which this CPU computes natively"
-    record = exported_record()
+    record = measured_here()
     agreement = record["int8_fidelity"]["identical_labels"]
     speeds = {backend: speed for backend, speed in record.get("texts_per_second", {}).items() if isinstance(speed, float) and not math.isnan(speed)}
     int8_ok = agreement >= FIDELITY_BAR
@@ -305,7 +338,7 @@ def resolve_backend(choice, bf16, exported_record):
     int8_note = "" if int8_ok else (
         "; int8 was not checked (no data set)" if math.isnan(agreement)
         else f"; int8 left out: it gave fp32's label on only {agreement:.1%} of them (the bar: {FIDELITY_BAR:.1%})")
-    return best, f"auto: PyTorch would run in fp32 here; the fastest measured at export ({measured} texts/s on the check texts){int8_note}"
+    return best, f"auto: PyTorch would run in fp32 here; the fastest measured on this kind of CPU, {cpu_kind()} ({measured} texts/s on the check texts){int8_note}"
 
 
 NAMES = {"torch": "PyTorch fp32", "onnx": "ONNX Runtime fp32", "onnx-int8": "ONNX Runtime int8"}

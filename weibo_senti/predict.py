@@ -23,7 +23,8 @@ from .pooling import use_mean_pooling
 BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
 BACKEND_HELP = (
     "what scores the texts: torch; onnx (ONNX Runtime fp32, exported once beside the checkpoint); onnx-int8; auto: PyTorch on a GPU "
-    "or a CPU with native bf16, else ONNX Runtime (int8 only where it gave fp32's labels on >= 99.5%% of the check texts at export)"
+    "or a CPU with native bf16, else the fastest path measured on this kind of CPU (int8 only where it gave fp32's labels on >= 99.5%% of "
+    "the check texts)"
 )
 SENTIMENTS = ("负面情感", "正面情感")  # label 0, label 1, as the original console printed them
 DEFAULT_MAX_LENGTH = 128
@@ -118,17 +119,17 @@ class Classifier:
             self.backend_reason = f"auto: {cannot}"
             return
         exported = functools.cache(lambda: onnx_backend.ensure_exported(self, checkpoint))
-        self.backend, self.backend_reason = onnx_backend.resolve_backend(choice, self.precision == "bf16", lambda: exported()[1])
+        self.backend, self.backend_reason = onnx_backend.resolve_backend(choice, self.precision == "bf16", lambda: exported()[2])
         if self.backend == "torch":
             return
-        folder, record = exported()
-        agreement = record["int8_fidelity"]["identical_labels"]
+        folder, record, measured = exported()
+        agreement = measured["int8_fidelity"]["identical_labels"]
         if self.backend == "onnx-int8" and np.isnan(agreement):
             print("note: int8 was not checked against PyTorch fp32 (no data set at export), so --backend auto would not "
                   "take it", file=sys.stderr)
         elif self.backend == "onnx-int8" and not agreement >= onnx_backend.FIDELITY_BAR:
             print(f"note: int8 gave PyTorch fp32's label on {agreement:.1%} of the check texts (largest change of P(positive) "
-                  f"{record['int8_fidelity']['max_change_prob_positive']:.3f}), below the {onnx_backend.FIDELITY_BAR:.1%} that "
+                  f"{measured['int8_fidelity']['max_change_prob_positive']:.3f}), below the {onnx_backend.FIDELITY_BAR:.1%} that "
                   "--backend auto asks of it", file=sys.stderr)
         self.onnx = onnx_backend.load_exported(folder, record, self.backend)
         self.precision, self.precision_reason = "no", "ONNX Runtime"
