@@ -238,7 +238,12 @@ CPU_FLAGS = ("avx2", "avx512_f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_
 def cpu_flags():
     """Those of CPU_FLAGS this CPU has, as it reports them to the kernels (CPUID, read by torch's cpuinfo), which is
     what the kernels go by: under an emulator or a hypervisor that hides AVX-512, /proc/cpuinfo can say otherwise."""
-    capabilities = torch.cpu.get_capabilities()
+    if hasattr(torch.cpu, "get_capabilities"):
+        capabilities = torch.cpu.get_capabilities()
+    else:  # a torch without get_capabilities: the operating system's list, which names AVX-512 Foundation avx512f
+        cpuinfo = Path("/proc/cpuinfo")
+        words = set(cpuinfo.read_text(encoding="utf-8", errors="replace").split()) if cpuinfo.is_file() else set()
+        capabilities = {flag: flag.replace("avx512_f", "avx512f") in words for flag in CPU_FLAGS}
     return [flag for flag in CPU_FLAGS if capabilities.get(flag)]
 
 
