@@ -1,4 +1,5 @@
 import json
+import shutil
 import sys
 
 import pytest
@@ -149,3 +150,15 @@ def test_onnx_profile_sums_each_operators_time_for_fp32_and_int8(trained, weibo_
     seconds = run["operator_seconds"]
     assert seconds["fp32"]["MatMul"] > 0 and "DynamicQuantizeLinear" in seconds["int8"] and "DynamicQuantizeLinear" not in seconds["fp32"]
     assert "| **all** |" in out.with_suffix(".md").read_text(encoding="utf-8")
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind emulates the CPU without AVX-512 (apt-get install valgrind)")
+def test_int8_avx2_kernels_runs_int8_on_an_emulated_cpu_without_avx512_and_compares_it(trained, tmp_path):
+    checkpoint = shutil.copytree(trained("bert_lora")[0] / "best", tmp_path / "bert_lora", ignore=shutil.ignore_patterns("onnx"))
+    out = tmp_path / "avx2.json"
+    result = run_script(REPO_ROOT / "bench" / "int8_avx2_kernels.py", "--checkpoint", checkpoint, "--texts", "4", "--shards", "1", "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]  # it stops when the emulated CPU is not avx2
+    entry = next(iter(json.loads(out.read_text(encoding="utf-8")).values()))
+    assert entry["texts"] == 4 and "avx2" in entry["emulated"]
+    for name in ("int8_alone_avx2_against_int8_here", "int8_alone_avx2_against_pytorch_fp32", "int8_with_second_look_avx2_against_pytorch_fp32"):
+        assert 0 <= entry[name]["identical_labels"] <= 1 and 0 <= entry[name]["max_change_prob_positive"] <= 1
