@@ -82,7 +82,13 @@ def main():
     if kinds != ["avx2"]:
         raise SystemExit(f"the emulated CPU was {kinds}, not avx2: this valgrind passes AVX-512 or VNNI through")
     margin = record["int8"]["recheck_margin"]
-    second_look = np.where((np.abs(emulated[:, 1] - 0.5) < margin)[:, None], fp32, emulated)
+
+    def within_margin(int8):  # the texts the second look scores again in fp32
+        return np.abs(int8[:, 1] - 0.5) < margin
+
+    def with_second_look(int8):
+        return np.where(within_margin(int8)[:, None], fp32, int8)
+
     entry = {
         "checkpoint": repo_relative(cfg.checkpoint),
         "command": "python bench/int8_avx2_kernels.py " + " ".join(sys.argv[1:]),
@@ -90,11 +96,11 @@ def main():
         "emulated": f"{subprocess.run(['valgrind', '--version'], capture_output=True, text=True).stdout.strip()} --tool=none: its CPU reports AVX2, no AVX-512, VNNI or bf16 (cpu_kind() there: avx2)",
         "texts": len(texts),
         "recheck_margin": margin,
-        "texts_within_margin_on_avx2": int((np.abs(emulated[:, 1] - 0.5) < margin).sum()),
+        "texts_within_margin_on_avx2": int(within_margin(emulated).sum()),
         "int8_alone_avx2_against_int8_here": fidelity(here, emulated),
         "int8_alone_avx2_against_pytorch_fp32": fidelity(fp32, emulated),
-        "int8_with_second_look_avx2_against_pytorch_fp32": fidelity(fp32, second_look),
-        "int8_with_second_look_here_against_pytorch_fp32": fidelity(fp32, np.where((np.abs(here[:, 1] - 0.5) < margin)[:, None], fp32, here)),
+        "int8_with_second_look_avx2_against_pytorch_fp32": fidelity(fp32, with_second_look(emulated)),
+        "int8_with_second_look_here_against_pytorch_fp32": fidelity(fp32, with_second_look(here)),
     }
     print(json.dumps(entry, indent=2, ensure_ascii=False))
     results = json.loads(cfg.out.read_text(encoding="utf-8")) if cfg.out.is_file() else {}
