@@ -70,7 +70,7 @@ def main():
 
     cfg = cli.parse_config(globals())
     classifier = Classifier.load(cfg.checkpoint, mixed_precision="no")
-    folder, record, _ = ensure_exported(classifier, cfg.checkpoint)
+    folder, record = ensure_exported(classifier, cfg.checkpoint)
     texts = export_texts()[2][: cfg.texts]
     if not texts:
         raise SystemExit("no check texts: the data set (dataset/weibo_senti_100k.csv or $WEIBO_SENTI_DATA) is needed")

@@ -49,7 +49,7 @@ def main():
     _, val = split_train_val(load_labelled_csv(cfg.data)[0], 0.1, 42)
     texts = [strip_emoticons(text) for text in val["review"][: cfg.texts]]
     classifier = Classifier.load(cfg.checkpoint, mixed_precision="no")
-    folder = ensure_exported(classifier, cfg.checkpoint)[0]
+    folder, _ = ensure_exported(classifier, cfg.checkpoint)
     with tempfile.TemporaryDirectory() as workdir:
         profiles = {name: operator_seconds(folder / file, classifier, texts, workdir) for name, file in (("fp32", FP32_FILE), ("int8", INT8_FILE))}
     machine = cpu()

@@ -185,36 +185,41 @@ def recheck_margin(int8_alone):
 
 
 def ensure_exported(classifier, checkpoint):
-    """(cache folder, its export.json record, the record's measurement on this CPU's kind) of `checkpoint`, exported and
-    measured on first use (a minute or two for e5-small on 2 cores). A CPU of another kind (models.cpu_kind) than the
-    ones measured before, as where the folder is shared by machines of several kinds, measures the paths again for
-    itself (half a minute): which path is fastest, and int8's kernels, differ between them. A lock makes concurrent
-    processes (Spark's workers, several servers) wait for one export or measurement instead of repeating it."""
-    folder, kind = cache_folder(checkpoint), cpu_kind()
+    """(cache folder, its export.json record) of `checkpoint`, exported and measured on this CPU on first use (a minute
+    or two for e5-small on 2 cores); a lock makes concurrent processes (Spark's workers, several servers) wait for one
+    export instead of repeating it."""
+    folder = cache_folder(checkpoint)
     if not (folder / RECORD_FILE).is_file():
         _export_once(classifier, checkpoint, folder)
-    record = json.loads((folder / RECORD_FILE).read_text(encoding="utf-8"))
-    if kind not in record.get("measured", {}):
-        measured = None
-        try:
-            with FileLock(str(folder) + ".lock"):
-                measured = _measured_here(classifier, folder, kind)
-                write_json_atomic(folder / RECORD_FILE, measured)
-        except OSError as error:  # a folder this process may read but not write: measured for this process alone
-            print(f"note: the measurement is not kept ({error.strerror or error}), so the next process measures again", file=sys.stderr)
-        record = measured or _measured_here(classifier, folder, kind)
-    return folder, record, record["measured"][kind]
+    return folder, json.loads((folder / RECORD_FILE).read_text(encoding="utf-8"))
 
 
-def _measured_here(classifier, folder, kind):
+def measured_here(classifier, checkpoint):
+    """export.json's measurement of the paths on this CPU's kind (models.cpu_kind), exported first when needed. A CPU of
+    a kind not measured before, as where the folder is shared by machines of several kinds, measures them again for
+    itself, once (half a minute): which path is fastest, and int8's kernels, differ between kinds."""
+    folder, record = ensure_exported(classifier, checkpoint)
+    kind = cpu_kind()
+    if kind in record.get("measured", {}):
+        return record["measured"][kind]
+    record = None
+    try:
+        with FileLock(str(folder) + ".lock"):
+            record = _with_measurement(classifier, folder, kind)
+            write_json_atomic(folder / RECORD_FILE, record)
+    except OSError as error:  # a folder this process may read but not write: measured for this process alone
+        print(f"note: the measurement is not kept ({error.strerror or error}), so the next process measures again", file=sys.stderr)
+    return (record or _with_measurement(classifier, folder, kind))["measured"][kind]
+
+
+def _with_measurement(classifier, folder, kind):
     """export.json's record with this CPU kind's measurement in it, measured unless another process has just done so."""
     record = json.loads((folder / RECORD_FILE).read_text(encoding="utf-8"))
     if kind not in record.get("measured", {}):
         print(f"measuring the ONNX paths of {classifier.source} on this kind of CPU ({kind}; once)", file=sys.stderr)
         # an export made before measurements were kept per CPU kind has one, of a CPU it did not name: measured anew
         record = {key: value for key, value in record.items() if key not in ("int8_fidelity", "texts_per_second")}
-        record.setdefault("measured", {})[kind] = _measured(
-            classifier, OnnxModel(folder / FP32_FILE), folder / INT8_FILE, record["int8"]["recheck_margin"], export_texts()[2])
+        record.setdefault("measured", {})[kind] = _measured(classifier, folder, record["int8"]["recheck_margin"], export_texts()[2])
     return record
 
 
@@ -246,15 +251,16 @@ def _export_once(classifier, checkpoint, folder):
                 "versions": {"torch": torch.__version__, "onnxruntime": _onnxruntime().__version__},
                 "int8": {"outlier_channels": outlier_channels, "outlier_factor": OUTLIER_FACTOR, "weights": "7-bit, per channel",
                          "recheck_margin": margin, "without_recheck_on_probe_texts": {"texts": len(probe), **int8_alone}},
-                "measured": {cpu_kind(): _measured(classifier, OnnxModel(tmp / FP32_FILE), tmp / INT8_FILE, margin, check)},
+                "measured": {cpu_kind(): _measured(classifier, tmp, margin, check)},
             }
             (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
 
 
-def _measured(classifier, fp32, int8_path, margin, check):
-    """Each path's speed and int8's fidelity to PyTorch fp32 on the check texts, on this CPU."""
+def _measured(classifier, folder, margin, check):
+    """Each path's speed and int8's fidelity to PyTorch fp32 on the check texts, on this CPU, of the export in `folder`."""
     probabilities, speeds = {}, {}
-    for backend, onnx_model in (("torch", None), ("onnx", fp32), ("onnx-int8", OnnxModel(int8_path, recheck=(fp32, margin)))):
+    fp32 = OnnxModel(folder / FP32_FILE)
+    for backend, onnx_model in (("torch", None), ("onnx", fp32), ("onnx-int8", OnnxModel(folder / INT8_FILE, recheck=(fp32, margin)))):
         probabilities[backend], speeds[backend] = _timed(classifier, onnx_model, check)
     return {
         "cpu": {"flags": cpu_flags(), "threads": torch.get_num_threads()},

@@ -118,19 +118,21 @@ class Classifier:
                 raise UserError(f"--backend {choice}: {cannot}; use --backend torch or auto")
             self.backend_reason = f"auto: {cannot}"
             return
-        exported = functools.cache(lambda: onnx_backend.ensure_exported(self, checkpoint))
-        self.backend, self.backend_reason = onnx_backend.resolve_backend(choice, self.precision == "bf16", lambda: exported()[2])
+        measured = functools.cache(lambda: onnx_backend.measured_here(self, checkpoint))
+        self.backend, self.backend_reason = onnx_backend.resolve_backend(choice, self.precision == "bf16", measured)
         if self.backend == "torch":
             return
-        folder, record, measured = exported()
-        agreement = measured["int8_fidelity"]["identical_labels"]
-        if self.backend == "onnx-int8" and np.isnan(agreement):
-            print("note: int8 was not checked against PyTorch fp32 (no data set at export), so --backend auto would not "
-                  "take it", file=sys.stderr)
-        elif self.backend == "onnx-int8" and not agreement >= onnx_backend.FIDELITY_BAR:
-            print(f"note: int8 gave PyTorch fp32's label on {agreement:.1%} of the check texts (largest change of P(positive) "
-                  f"{measured['int8_fidelity']['max_change_prob_positive']:.3f}), below the {onnx_backend.FIDELITY_BAR:.1%} that "
-                  "--backend auto asks of it", file=sys.stderr)
+        if self.backend == "onnx-int8":  # asked for, or chosen by auto: said where it falls short of the bar
+            fidelity = measured()["int8_fidelity"]
+            agreement = fidelity["identical_labels"]
+            if np.isnan(agreement):
+                print("note: int8 was not checked against PyTorch fp32 (no data set at export), so --backend auto would not "
+                      "take it", file=sys.stderr)
+            elif not agreement >= onnx_backend.FIDELITY_BAR:
+                print(f"note: int8 gave PyTorch fp32's label on {agreement:.1%} of the check texts (largest change of P(positive) "
+                      f"{fidelity['max_change_prob_positive']:.3f}), below the {onnx_backend.FIDELITY_BAR:.1%} that "
+                      "--backend auto asks of it", file=sys.stderr)
+        folder, record = onnx_backend.ensure_exported(self, checkpoint)
         self.onnx = onnx_backend.load_exported(folder, record, self.backend)
         self.precision, self.precision_reason = "no", "ONNX Runtime"
 
