@@ -22,7 +22,7 @@ DATA = Path(os.environ.get("WEIBO_SENTI_DATA", "dataset/weibo_senti_100k.csv")) 
 VAL_FRACTION = 0.1  # must match the training runs, so that no validation text was trained on
 SEED = 42  # must match the training runs
 MAX_SAMPLES = 0  # evaluate on the validation part of a subset of this many rows (0 = all), for quick looks
-EXTRA = ""  # comma-separated extra label,review CSV files, each reported on its own
+EXTRA = ""  # comma-separated extra label,review CSV files, each reported on its own (and without its tags, where it has any)
 BATCH_SIZE = 64  # texts per batch for the batched measurements
 SINGLE_TEXTS = 50  # texts predicted one at a time for the ms-per-text figure
 MIXED_PRECISION = "auto"  # of prediction: auto (bf16 where the CPU or GPU computes it natively, else fp32), no, bf16, fp16
@@ -108,7 +108,7 @@ def checkpoint_facts(checkpoint, cfg):
 
 def load_text_sets(cfg):
     from weibo_senti.calibration import calibration_halves
-    from weibo_senti.data import load_labelled_csv, split_train_val, strip_emoticons
+    from weibo_senti.data import EMOTICON_TAG, load_labelled_csv, split_train_val, strip_emoticons
 
     table, report = load_labelled_csv(cfg.data)
     print(report)
@@ -122,7 +122,12 @@ def load_text_sets(cfg):
     for extra in filter(None, (e.strip() for e in cfg.extra.split(","))):
         extra_table, extra_report = load_labelled_csv(Path(extra))
         print(extra_report)
-        sets[Path(extra).name] = {"texts": extra_table["review"].tolist(), "labels": extra_table["label"].to_numpy()}
+        texts, labels = extra_table["review"].tolist(), extra_table["label"].to_numpy()
+        if Path(extra).name in sets:
+            raise UserError(f"--extra: two files named {Path(extra).name}; the report names each set by its file name, so rename one")
+        sets[Path(extra).name] = {"texts": texts, "labels": labels}
+        if any(EMOTICON_TAG.search(text) for text in texts):  # crawled text comes without them: that score is the one to read
+            sets[f"{Path(extra).name}, no tags"] = {"texts": [strip_emoticons(text) for text in texts], "labels": labels}
     return sets
 
 
@@ -163,18 +168,19 @@ def write_markdown(rows, text_sets, cfg, command, path):
     lines += [
         "",
         "Per class (precision / recall), the confusion matrix `[[true neg -> neg, neg -> pos], [pos -> neg, pos -> pos]]`, and the "
-        "expected calibration error (the mean gap between confidence and accuracy over 10 bins, on the half of the validation "
-        "texts that train.py does not fit the confidence temperature on):",
+        "expected calibration error (the mean gap between confidence and accuracy over 10 bins; of the validation texts, on the half "
+        "that train.py does not fit the confidence temperature on; of an `--extra` set, on all of it):",
         "",
         "| method | base model | texts | negative P / R | positive P / R | confusion matrix | calibration error |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        for name in ("val", "val_no_emoticons"):
+        for name in text_sets:
             detail = row["scores"][name]
             classes = detail["per_class"]
+            texts = {"val": "as they are", "val_no_emoticons": "no emoticons"}.get(name, name)
             lines.append(
-                f"| {row['method']} | {row['base_model']} | {'as they are' if name == 'val' else 'no emoticons'} | "
+                f"| {row['method']} | {row['base_model']} | {texts} | "
                 f"{classes['negative']['precision']:.4f} / {classes['negative']['recall']:.4f} | "
                 f"{classes['positive']['precision']:.4f} / {classes['positive']['recall']:.4f} | {detail['confusion_matrix']} | "
                 f"{_fmt(detail.get('calibration_error'), '.4f')} |"

@@ -1,6 +1,8 @@
 import json
 import shutil
 
+import pytest
+
 import compare
 import tiny
 
@@ -13,7 +15,13 @@ def test_compare_reports_every_checkpoint_on_the_same_split(trained, weibo_csv, 
     rows = compare.main(argv)
     assert [row["method"] for row in rows] == ["adapter_tuning", "lora", "bert_lora"]
     markdown = (tmp_path / "results" / "comparison.md").read_text(encoding="utf-8")
-    assert "| adapter_tuning |" in markdown and "| bert_lora |" in markdown and "acc extra.csv" in markdown
+    assert "| adapter_tuning |" in markdown and "| bert_lora |" in markdown and "acc extra.csv |" in markdown
+    # a set of your own with emoticon tags is also scored without them, with its recall per class and calibration error
+    assert "acc extra.csv, no tags |" in markdown and markdown.count("| extra.csv, no tags |") == 3
+    for row in rows:
+        tagged, untagged = row["scores"]["extra.csv"], row["scores"]["extra.csv, no tags"]
+        assert tagged["per_class"]["positive"]["support"] == untagged["per_class"]["positive"]["support"] == 10
+        assert 0 <= untagged["calibration_error"] <= 1
     assert (tmp_path / "results" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     for row, checkpoint in zip(rows, checkpoints):
         # the scores are those the training run logged for the same validation split
@@ -32,3 +40,12 @@ def test_compare_finds_the_training_log_inside_a_shipped_classifier_folder(train
     shutil.copy(output_dir / "training_log.json", shipped)
     facts = compare.checkpoint_facts(shipped, compare.cli.parse_config(vars(compare), []))
     assert facts["epochs"] == 4 and facts["seconds_per_epoch"] > 0
+
+
+def test_compare_refuses_two_extra_sets_of_one_name(weibo_csv, tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        tiny.write_csv(tmp_path / folder / "posts.csv", tiny.synthetic_rows(10, seed=3))
+    cfg = compare.cli.parse_config(vars(compare), ["--data", str(weibo_csv), "--extra", f"{tmp_path}/a/posts.csv,{tmp_path}/b/posts.csv"])
+    with pytest.raises(compare.UserError, match="two files named posts.csv"):
+        compare.load_text_sets(cfg)
