@@ -93,8 +93,11 @@ def checkpoint_facts(checkpoint, cfg):
     warning = None
     if (run.get("seed"), run.get("val_fraction")) != (str(cfg.seed), str(cfg.val_fraction)):
         warning = f"{checkpoint} was trained with seed {run.get('seed')} and validation fraction {run.get('val_fraction')}: it may have trained on some of these validation texts"
+    # what tells the rows apart: the folder's name (with its parent's for a run's best/ or last/), and the method
+    name = f"{checkpoint.parent.name}/{checkpoint.name}" if checkpoint.name in ("best", "last") else checkpoint.name
     return {
         "checkpoint": str(checkpoint),
+        "name": name if name == info["method"] else f"{name} ({info['method']})",
         "method": info["method"],
         "base_model": info["base_model"],
         "trainable": parameters.get("trainable"),
@@ -150,7 +153,7 @@ def write_markdown(rows, text_sets, cfg, command, path):
         "the same split as `train.py`. *No emoticons*: the same texts with every `[...]` tag removed; the labels of "
         "weibo_senti_100k were derived from those tags, so this column shows what a model learned beyond them.",
         "",
-        "| method | base model | trainable params | checkpoint | acc | macro-F1 | acc, no emoticons | macro-F1, no emoticons | "
+        "| classifier | base model | trainable params | checkpoint | acc | macro-F1 | acc, no emoticons | macro-F1, no emoticons | "
         + "".join(f"acc {name} | " for name in extras)
         + "train s/epoch | batched texts/s | ms per single text | peak RSS MB |",
         "|" + "---|" * (12 + len(extras)),
@@ -158,7 +161,7 @@ def write_markdown(rows, text_sets, cfg, command, path):
     for row in rows:
         scores = row["scores"]
         lines.append(
-            f"| {row['method']} | {row['base_model']} | {_fmt(row['trainable'], ',')} ({_fmt(row['trainable_percent'], '.2f')}%) | "
+            f"| {row['name']} | {row['base_model']} | {_fmt(row['trainable'], ',')} ({_fmt(row['trainable_percent'], '.2f')}%) | "
             f"{row['weights_bytes'] / 2**20:.2f} MB | {scores['val']['accuracy']:.4f} | {scores['val']['macro_f1']:.4f} | "
             f"{scores['val_no_emoticons']['accuracy']:.4f} | {scores['val_no_emoticons']['macro_f1']:.4f} | "
             + "".join(f"{scores[name]['accuracy']:.4f} | " for name in extras)
@@ -171,7 +174,7 @@ def write_markdown(rows, text_sets, cfg, command, path):
         "expected calibration error (the mean gap between confidence and accuracy over 10 bins; of the validation texts, on the half "
         "that train.py does not fit the confidence temperature on; of an `--extra` set, on all of it):",
         "",
-        "| method | base model | texts | negative P / R | positive P / R | confusion matrix | calibration error |",
+        "| classifier | base model | texts | negative P / R | positive P / R | confusion matrix | calibration error |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -180,7 +183,7 @@ def write_markdown(rows, text_sets, cfg, command, path):
             classes = detail["per_class"]
             texts = {"val": "as they are", "val_no_emoticons": "no emoticons"}.get(name, name)
             lines.append(
-                f"| {row['method']} | {row['base_model']} | {texts} | "
+                f"| {row['name']} | {row['base_model']} | {texts} | "
                 f"{classes['negative']['precision']:.4f} / {classes['negative']['recall']:.4f} | "
                 f"{classes['positive']['precision']:.4f} / {classes['positive']['recall']:.4f} | {detail['confusion_matrix']} | "
                 f"{_fmt(detail.get('calibration_error'), '.4f')} |"
@@ -203,7 +206,7 @@ def write_chart(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [row["method"] for row in rows]
+    names = [row["name"] for row in rows]
     figure, axes = plt.subplots(1, 3, figsize=(14, 4.8))
     width = 0.2
     for offset, (key, label) in enumerate([("val", "plain"), ("val_no_emoticons", "no emoticons")]):

@@ -15,7 +15,8 @@ def test_compare_reports_every_checkpoint_on_the_same_split(trained, weibo_csv, 
     rows = compare.main(argv)
     assert [row["method"] for row in rows] == ["adapter_tuning", "lora", "bert_lora"]
     markdown = (tmp_path / "results" / "comparison.md").read_text(encoding="utf-8")
-    assert "| adapter_tuning |" in markdown and "| bert_lora |" in markdown and "acc extra.csv |" in markdown
+    # rows are told apart by folder, not only by method
+    assert "/best (adapter_tuning) |" in markdown and "/best (bert_lora) |" in markdown and "acc extra.csv |" in markdown
     # a set of your own with emoticon tags is also scored without them, with its recall per class and calibration error
     assert "acc extra.csv, no tags |" in markdown and markdown.count("| extra.csv, no tags |") == 3
     for row in rows:
@@ -40,6 +41,7 @@ def test_compare_finds_the_training_log_inside_a_shipped_classifier_folder(train
     shutil.copy(output_dir / "training_log.json", shipped)
     facts = compare.checkpoint_facts(shipped, compare.cli.parse_config(vars(compare), []))
     assert facts["epochs"] == 4 and facts["seconds_per_epoch"] > 0
+    assert facts["name"] == "adapter_tuning"
 
 
 def test_compare_refuses_two_extra_sets_of_one_name(weibo_csv, tmp_path):
