@@ -122,15 +122,17 @@ def load_text_sets(cfg):
         "val": {"texts": val["review"].tolist(), "labels": val["label"].to_numpy(), "held_out": held_out},
         "val_no_emoticons": {"texts": val["review"].map(strip_emoticons).tolist(), "labels": val["label"].to_numpy(), "held_out": held_out},
     }
-    for extra in filter(None, (e.strip() for e in cfg.extra.split(","))):
-        extra_table, extra_report = load_labelled_csv(Path(extra))
+    extras = [Path(e.strip()) for e in cfg.extra.split(",") if e.strip()]
+    for path in extras:
+        if [other.name for other in extras].count(path.name) > 1:
+            raise UserError(f"--extra: two files named {path.name}; the report names each set by its file name, so rename one")
+    for path in extras:
+        extra_table, extra_report = load_labelled_csv(path)
         print(extra_report)
         texts, labels = extra_table["review"].tolist(), extra_table["label"].to_numpy()
-        if Path(extra).name in sets:
-            raise UserError(f"--extra: two files named {Path(extra).name}; the report names each set by its file name, so rename one")
-        sets[Path(extra).name] = {"texts": texts, "labels": labels}
+        sets[path.name] = {"texts": texts, "labels": labels}
         if any(EMOTICON_TAG.search(text) for text in texts):  # crawled text comes without them: that score is the one to read
-            sets[f"{Path(extra).name}, no tags"] = {"texts": [strip_emoticons(text) for text in texts], "labels": labels}
+            sets[f"{path.name}, no tags"] = {"texts": [strip_emoticons(text) for text in texts], "labels": labels}
     return sets
 
 
