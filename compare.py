@@ -123,9 +123,10 @@ def load_text_sets(cfg):
         "val_no_emoticons": {"texts": val["review"].map(strip_emoticons).tolist(), "labels": val["label"].to_numpy(), "held_out": held_out},
     }
     extras = [Path(e.strip()) for e in cfg.extra.split(",") if e.strip()]
-    for path in extras:
-        if [other.name for other in extras].count(path.name) > 1:
-            raise UserError(f"--extra: two files named {path.name}; the report names each set by its file name, so rename one")
+    names = [path.name for path in extras]
+    repeated = next((name for name in names if names.count(name) > 1), None)
+    if repeated:
+        raise UserError(f"--extra: two files named {repeated}; the report names each set by its file name, so rename one")
     for path in extras:
         extra_table, extra_report = load_labelled_csv(path)
         print(extra_report)
