@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The recipes of issue 43, one after another, each into runs/<name>/ with its log (python adapter_tuning/train.py ...).
+# Every run is chosen (best epoch) and calibrated on weibo2018's 1,500 human-labelled validation posts (fixed split).
+# --max-samples 20000 where weibo_senti_100k is not trained on: its validation texts (2,000 of them) are only reported.
+set -u
+cd "$(dirname "$0")/../.."
+RUNS=${RUNS:-runs}
+E5="--model intfloat/multilingual-e5-small"
+run() {  # name, script, flags...
+    local name=$1 script=$2; shift 2
+    [ -f "$RUNS/$name/best/checkpoint.json" ] && grep -q '"calibration"' "$RUNS/$name/best/checkpoint.json" && return
+    echo "$(date -u +%FT%TZ) $name: python $script $*" >> "$RUNS/commands.log"
+    python "$script" "$@" --output-dir "$RUNS/$name" --overwrite > "$RUNS/$name.log" 2>&1
+}
+mkdir -p "$RUNS"
+# (a) weibo2018 alone, from e5
+run adapter_a_human adapter_tuning/train.py $E5 --distant-share 0
+# (b) weibo_senti_100k, then weibo2018: the shipped classifier (trained on weibo_senti_100k) fine-tuned on people's labels
+run adapter_b_init adapter_tuning/train.py --init-from models/classifiers/adapter_tuning --distant-share 0 --max-samples 20000
+# (c) both mixed, half of each epoch's texts from each
+run adapter_c_mixed adapter_tuning/train.py $E5 --distant-share 0.5
+# the learning curve: 250, 1,000 and 3,000 human labels, from e5 and from the shipped classifier
+for n in 250 1000 3000; do
+    run adapter_a_human_$n adapter_tuning/train.py $E5 --distant-share 0 --max-samples 20000 --human-samples $n
+    run adapter_b_init_$n adapter_tuning/train.py --init-from models/classifiers/adapter_tuning --distant-share 0 --max-samples 20000 --human-samples $n
+done
+# bert_lora: the same three recipes
+run bert_lora_b_init bert_lora/train.py --init-from models/classifiers/bert_lora --distant-share 0 --max-samples 20000
+run bert_lora_a_human bert_lora/train.py $E5 --distant-share 0 --max-samples 20000
+run bert_lora_c_mixed bert_lora/train.py $E5 --distant-share 0.5
