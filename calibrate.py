@@ -3,7 +3,9 @@ weibo_senti/calibration.py) and write it into their checkpoint.json.
 
 train.py does this itself at the end of a run; this is for checkpoints trained before it did, or to refit one.
 Both are fitted on half the validation split of the run that trained the checkpoint (its seed, fraction and data, from
-checkpoint.json), texts without emoticon tags; what they change is reported on the other half.
+checkpoint.json), texts without emoticon tags; what they change is reported on the other half. A run that had
+human-labelled posts (weibo2018, its checkpoint.json says so) is fitted on half of their fixed validation posts instead,
+as they are and without tags, as train.py does.
 
 python calibrate.py models/classifiers/adapter_tuning bert_lora/output/best
 """
@@ -26,8 +28,16 @@ def main(argv=None):
         raise UserError("name the checkpoint folders to calibrate, e.g. python calibrate.py adapter_tuning/output/best")
     infos = {checkpoint: read_info(checkpoint) for checkpoint in cfg.checkpoints}  # a damaged one is named before any work
     for checkpoint, info in infos.items():
-        val = run_validation_rows(checkpoint, info, cfg.data)
-        calibrate_checkpoint(checkpoint, val, int(info["run"]["seed"]), cfg.batch_size)
+        if info.get("run", {}).get("human_data", "none").lower() != "none":
+            from weibo_senti import REPO_ROOT
+            from weibo_senti.data import HUMAN_SPLIT_SEED, load_labelled_csv, split_human
+
+            path = Path(info["run"]["human_data"])
+            _, val = split_human(load_labelled_csv(path if path.is_absolute() else REPO_ROOT / path)[0])
+            calibrate_checkpoint(checkpoint, val, HUMAN_SPLIT_SEED, cfg.batch_size, as_they_are=True)
+        else:
+            val = run_validation_rows(checkpoint, info, cfg.data)
+            calibrate_checkpoint(checkpoint, val, int(info["run"]["seed"]), cfg.batch_size)
 
 
 if __name__ == "__main__":

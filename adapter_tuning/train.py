@@ -12,8 +12,12 @@ from weibo_senti import cli, training  # noqa: E402
 
 MODEL = "uer/gpt2-chinese-cluecorpussmall"  # hub id, or a folder written by save_pretrained
 DATA = Path(os.environ.get("WEIBO_SENTI_DATA", "dataset/weibo_senti_100k.csv"))  # label,review CSV (or env WEIBO_SENTI_DATA)
-OUTPUT_DIR = Path("adapter_tuning/output")  # best/ (best epoch without emoticon tags), last/ (for --resume), training_log.json
-EPOCHS = 2  # passes over the training rows
+HUMAN_DATA = "dataset/weibo2018/train.txt"  # posts labelled by people (weibo2018's mid,label,text lines): a fixed 1,500 choose the best epoch and fit the calibration, the rest train ("none": no such data)
+DISTANT_SHARE = 0.5  # share of each epoch's training texts drawn afresh from DATA (labels from emoticons); the rest are HUMAN_DATA's posts (0: human labels only; 1: all of DATA)
+HUMAN_SAMPLES = 0  # train on a stratified subset of this many human-labelled posts (0 = all): the learning curve
+INIT_FROM = ""  # start from this trained checkpoint of the method (a shipped classifier or your own) and fine-tune it on the labels ("" = from the base model)
+OUTPUT_DIR = Path("adapter_tuning/output")  # best/ (the best epoch on the human-labelled posts), last/ (for --resume), training_log.json
+EPOCHS = 2  # passes over the training texts (an epoch: every human-labelled post, and the distant texts DISTANT_SHARE draws)
 BATCH_SIZE = 16  # texts per step (per process)
 LR = 5e-5  # AdamW peak learning rate
 WARMUP_RATIO = 0.1  # share of steps with linear warm-up, then linear decay

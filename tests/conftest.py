@@ -41,7 +41,9 @@ def script_config(method, argv):
 
 
 def train(method, model, data, output_dir, *extra):
-    argv = ["--model", str(model), "--data", str(data), "--output-dir", str(output_dir), *FAST, *extra]
+    """A training run on `data`; without weibo2018's posts (HUMAN_DATA) unless `extra` names a --human-data file."""
+    human = [] if "--human-data" in extra else ["--human-data", "none"]
+    argv = ["--model", str(model), "--data", str(data), "--output-dir", str(output_dir), *FAST, *human, *extra]
     return training.run(script_config(method, argv), method)
 
 

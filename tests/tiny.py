@@ -67,3 +67,9 @@ def write_csv(path, rows, header=("label", "review")):
         writer.writerow(header)
         writer.writerows(rows)
     return path
+
+
+def write_weibo2018(path, rows):
+    """weibo2018's format: `mid,label,text` lines, no header (texts may hold commas)."""
+    path.write_text("".join(f"{4231265311393455 + i},{label},{text}，好,吧\n" for i, (label, text) in enumerate(rows)), encoding="utf-8")
+    return path

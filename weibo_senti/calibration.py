@@ -7,7 +7,8 @@
   of 0.8 right about 80% of the time. It changes no label.
 
 Both are fitted on half the validation texts with their emoticon tags removed (the texts users score look like that)
-and reported on the other half, with and without tags. checkpoint.json keeps them and that report; every prediction
+and reported on the other half, with and without tags. Where the run had human-labelled posts (weibo2018), they are
+fitted on half of those instead, as they are and without tags together: their labels are people's, not the tags'. checkpoint.json keeps them and that report; every prediction
 path (predict.py, serve.py, score.py, compare.py) applies them.
 """
 from pathlib import Path
@@ -108,17 +109,21 @@ def _report(probabilities, labels):
             "recall": [round(float((said[labels == label] == label).mean()), 4) for label in (0, 1)]}
 
 
-def calibrate(classifier, val_rows, seed, batch_size=64):
-    """Fit the classifier's bias and temperature on half of `val_rows` without tags; returns checkpoint.json's
-    "calibration" record, or None when there are too few texts to fit them."""
+def calibrate(classifier, val_rows, seed, batch_size=64, as_they_are=False):
+    """Fit the classifier's bias and temperature on half of `val_rows` without tags (as_they_are: and as they are, both
+    together: for labels that people gave, which the tags did not decide); returns checkpoint.json's "calibration"
+    record, or None when there are too few texts to fit them."""
     fit, held_out = calibration_halves(val_rows, seed)
     if fit.empty:
         return None
     kept, (classifier.temperature, classifier.bias) = (classifier.temperature, classifier.bias), (1.0, 0.0)
     try:
-        fitted = classifier.probabilities(fit["review"].map(strip_emoticons).tolist(), batch_size)
-        threshold = recall_balancing_threshold(fitted, fit["label"])
-        temperature = fit_temperature(fitted, fit["label"], threshold)
+        texts, labels = fit["review"].map(strip_emoticons).tolist(), fit["label"].tolist()
+        if as_they_are:
+            texts, labels = texts + fit["review"].tolist(), labels + fit["label"].tolist()
+        fitted = classifier.probabilities(texts, batch_size)
+        threshold = recall_balancing_threshold(fitted, labels)
+        temperature = fit_temperature(fitted, labels, threshold)
         bias = -threshold / temperature
         held_out_report = {}
         for name, texts in (("without_tags", held_out["review"].map(strip_emoticons)), ("with_tags", held_out["review"])):
@@ -130,7 +135,8 @@ def calibrate(classifier, val_rows, seed, batch_size=64):
     return {
         "temperature": round(temperature, 4),
         "bias": round(bias, 4),
-        "fitted_on": f"{len(fit):,} validation texts without emoticon tags (seed {seed})",
+        "fitted_on": (f"{len(fit):,} human-labelled validation posts, as they are and without emoticon tags (seed {seed})" if as_they_are
+                      else f"{len(fit):,} validation texts without emoticon tags (seed {seed})"),
         "held_out": held_out_report,
         "held_out_texts": len(held_out),
     }
@@ -147,7 +153,7 @@ def describe(record):
             f"{tagged['before']['calibration_error']:.3f} -> {tagged['after']['calibration_error']:.3f}")
 
 
-def calibrate_checkpoint(folder, val_rows, seed, batch_size=64, say=print):
+def calibrate_checkpoint(folder, val_rows, seed, batch_size=64, say=print, as_they_are=False):
     """Fit `folder`'s bias and temperature on `val_rows` (the validation rows of the run that trained it) and write it into its
     checkpoint.json (atomically). Returns the record, or None when there were too few texts."""
     from .checkpoint import find_checkpoint, read_info, write_info
@@ -155,7 +161,7 @@ def calibrate_checkpoint(folder, val_rows, seed, batch_size=64, say=print):
 
     folder = find_checkpoint(folder)
     classifier = Classifier.load(folder, mixed_precision="auto")
-    record = calibrate(classifier, val_rows, seed, batch_size)
+    record = calibrate(classifier, val_rows, seed, batch_size, as_they_are)
     if record is None:
         say(f"{folder}: not calibrated (fewer than {MIN_TEXTS} validation texts); confidences are the softmax as it is")
         return None

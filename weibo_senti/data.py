@@ -1,4 +1,5 @@
-"""Read and check the labelled CSV (label,review), split it, and turn it into padded batches."""
+"""Read and check the labelled data (a label,review CSV, or weibo2018's mid,label,text lines), split it, and turn it
+into padded batches."""
 import io
 import random
 import re
@@ -10,7 +11,7 @@ import pandas as pd
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 from sklearn.model_selection import train_test_split
-from . import UserError
+from . import REPO_ROOT, UserError
 
 LABEL_NAMES = ("negative", "positive")  # label 0, label 1
 DATA_ENV_VAR = "WEIBO_SENTI_DATA"
@@ -19,6 +20,10 @@ PUBLIC_DATASET_HINT = (
     "datasets/weibo_senti_100k). Save it as dataset/weibo_senti_100k.csv, or point to your copy with "
     f"--data PATH or the environment variable {DATA_ENV_VAR}=PATH."
 )
+# weibo2018 (BettaFish's WeiboSentiment_MachineLearning data): posts labelled by people from their words, not from tags
+HUMAN_DATA = REPO_ROOT / "dataset" / "weibo2018" / "train.txt"
+HUMAN_VAL_ROWS = 1500  # posts of it held out for choosing the best epoch, the calibration and the report
+HUMAN_SPLIT_SEED = 2018  # fixed, whatever --seed says: every run and every checkpoint is judged on the same posts
 MISSING_TEXT_MARKERS = {"nan", "NaN", "NAN", "None", "null", "NULL"}  # what pandas or Excel wrote for an empty cell
 
 # Weibo emoticon tags such as [哈哈] or [泪]: the labels of weibo_senti_100k were derived from them.
@@ -78,13 +83,12 @@ def _rows(row_numbers, shown=8):
     return listed + (f" and {more:,} more" if more > 0 else "")
 
 
-def read_csv_text(path, hint=PUBLIC_DATASET_HINT):
-    """The CSV as a DataFrame of strings; a clear DataError when the file is missing, not UTF-8 or not CSV.
-    hint: what to do when the file is missing (where to get the training data; None for files to score)."""
+def _read_utf8(path, hint, kind="a .csv file"):
+    """The file's text; a clear DataError when it is missing, not a regular file or not UTF-8."""
     if path.is_dir():
-        raise DataError(f"{path} is a folder, not a CSV file: give the path of the .csv file itself")
+        raise DataError(f"{path} is a folder, not a file: give the path of {kind} itself")
     if path.exists() and not path.is_file():
-        raise DataError(f"{path} is not a regular file (a device or a pipe?): give the path of a .csv file")
+        raise DataError(f"{path} is not a regular file (a device or a pipe?): give the path of {kind}")
     if not path.is_file():
         raise DataError(f"file not found: {path}" + (f"\n{hint}" if hint else ""))
     raw = path.read_bytes()
@@ -96,7 +100,13 @@ def read_csv_text(path, hint=PUBLIC_DATASET_HINT):
             f"{path}: not UTF-8 text (line {line}, byte offset {error.start}: {raw[error.start:error.start + 4]!r}). "
             f"Convert it first, for example: iconv -f GBK -t UTF-8 {path.name} > utf8.csv"
         ) from None
-    text = text.removeprefix("\ufeff")  # a BOM at the start of the file would become part of the first column name
+    return text.removeprefix("\ufeff")  # a BOM at the start of the file would become part of the first column name
+
+
+def read_csv_text(path, hint=PUBLIC_DATASET_HINT):
+    """The CSV as a DataFrame of strings; a clear DataError when the file is missing, not UTF-8 or not CSV.
+    hint: what to do when the file is missing (where to get the training data; None for files to score)."""
+    text = _read_utf8(path, hint)
     try:
         table = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
@@ -128,23 +138,48 @@ class DataReport:
     rows_used: int = 0
     problems: list = field(default_factory=list)  # one line per kind of problem, with row numbers
 
+    header: bool = True  # row 1 is a header line (a CSV); weibo2018's lines have none
+
     def __str__(self):
-        head = f"{self.path}: {self.rows_read:,} rows read, {self.rows_used:,} used (row 1 is the header)"
+        head = f"{self.path}: {self.rows_read:,} rows read, {self.rows_used:,} used" + (" (row 1 is the header)" if self.header else "")
         return "\n".join([head] + [f"  {line}" for line in self.problems])
 
 
+def read_weibo2018_lines(path):
+    """weibo2018's format: one post a line, `mid,label,text`, no header; the text may hold commas (split on the first
+    two). Returns a DataFrame of strings with the columns label and review, and line numbers as its index."""
+    text = _read_utf8(path, PUBLIC_DATASET_HINT, "a weibo2018 .txt file")
+    rows, labels, reviews = [], [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split(",", 2)
+        if len(parts) < 3:
+            raise DataError(f"{path}, line {number}: expected 'mid,label,text' (weibo2018's format), got {line[:60]!r}")
+        rows.append(number)
+        labels.append(parts[1])
+        reviews.append(parts[2])
+    return pd.DataFrame({"label": labels, "review": reviews}, index=rows)
+
+
 def load_labelled_csv(path):
-    """Read `label,review`, drop the rows that cannot be used and say why. Returns (DataFrame, DataReport)."""
-    table = read_csv_text(path)
-    table.columns = [str(c).strip() for c in table.columns]
-    missing = [c for c in ("label", "review") if c not in table.columns]
-    if missing:
-        raise DataError(
-            f"{path}: missing column(s) {', '.join(missing)}; the header is {', '.join(table.columns) or '(empty)'}. "
-            "Expected a header line 'label,review' (1 positive, 0 negative)."
-        )
-    report = DataReport(str(path), len(table))
-    table = pd.DataFrame({"row": range(2, len(table) + 2), "label": table["label"].str.strip(), "review": table["review"]})
+    """Read `label,review` (or weibo2018's `mid,label,text` lines, a .txt file), drop the rows that cannot be used and
+    say why. Returns (DataFrame, DataReport); its column `row` is the row number (the line, in a .txt file)."""
+    if path.suffix == ".txt":
+        raw = read_weibo2018_lines(path)
+        report = DataReport(str(path), len(raw), header=False)
+        table = pd.DataFrame({"row": raw.index, "label": raw["label"].str.strip(), "review": raw["review"]})
+    else:
+        table = read_csv_text(path)
+        table.columns = [str(c).strip() for c in table.columns]
+        missing = [c for c in ("label", "review") if c not in table.columns]
+        if missing:
+            raise DataError(
+                f"{path}: missing column(s) {', '.join(missing)}; the header is {', '.join(table.columns) or '(empty)'}. "
+                "Expected a header line 'label,review' (1 positive, 0 negative)."
+            )
+        report = DataReport(str(path), len(table))
+        table = pd.DataFrame({"row": range(2, len(table) + 2), "label": table["label"].str.strip(), "review": table["review"]})
 
     bad_label = ~table["label"].isin({"0", "1"})
     if bad_label.any():
@@ -185,7 +220,7 @@ def load_labelled_csv(path):
 
     report.rows_used = len(table)
     if table.empty:
-        raise DataError(f"no usable rows left.\n{report}")
+        raise DataError(f"{path}: no usable rows left.\n{report}")
     if table["label"].nunique() < 2:
         raise DataError(f"{path}: every usable row has label {table['label'].iloc[0]}; both 0 and 1 are needed.\n{report}")
     return table.reset_index(drop=True), report
@@ -202,6 +237,18 @@ def split_train_val(table, val_fraction, seed, max_samples=0):
             val = _stratified_subset(val, val_size, seed)
     except ValueError as error:
         raise DataError(f"cannot split {len(table):,} rows with validation fraction {val_fraction} (max samples {max_samples}): {error}") from None
+    return train.reset_index(drop=True), val.reset_index(drop=True)
+
+
+def split_human(table, val_rows=HUMAN_VAL_ROWS, samples=0, seed=HUMAN_SPLIT_SEED):
+    """The human-labelled posts' fixed split: (train, val), `val_rows` held out, stratified, with a seed no run changes.
+    samples > 0: a stratified subset of that many training posts (the learning curve); validation stays the same."""
+    try:
+        train, val = train_test_split(table, test_size=min(val_rows, len(table) // 2), stratify=table["label"], random_state=seed)
+        if 0 < samples < len(train):
+            train = _stratified_subset(train, samples, seed)
+    except ValueError as error:
+        raise DataError(f"cannot split {len(table):,} human-labelled rows ({val_rows} for validation, {samples} for training): {error}") from None
     return train.reset_index(drop=True), val.reset_index(drop=True)
 
 
@@ -262,14 +309,27 @@ class EncodedTexts(torch.utils.data.Dataset):
 
 class LengthGroupedBatches:
     """Batches of texts of similar length, so that padding to the longest costs little: shuffle, sort each window of
-    `window` batches by length, cut it into batches, shuffle the batches. Draws from torch's global generator, which the
-    training loop seeds per epoch, so --resume and every process see the same batches."""
+    `window` batches by length (window 1: no grouping), cut it into batches, shuffle the batches. Draws from torch's
+    global generator, which the training loop seeds per epoch, so --resume and every process see the same batches.
 
-    def __init__(self, lengths, batch_size, window=50):
+    pools: [(positions, count)]: each epoch takes `count` positions of each pool drawn afresh (None: all of them), to mix
+    sources in a set share; by default every text, every epoch."""
+
+    def __init__(self, lengths, batch_size, window=50, pools=None):
         self.lengths, self.batch_size, self.window = lengths, batch_size, window
+        self.pools = pools or [(list(range(len(lengths))), None)]
+
+    def _epoch_positions(self):
+        taken = []
+        for positions, count in self.pools:
+            if count is None or count >= len(positions):
+                taken += positions
+            else:
+                taken += [positions[i] for i in torch.randperm(len(positions))[:count].tolist()]
+        return [taken[i] for i in torch.randperm(len(taken)).tolist()]
 
     def __iter__(self):
-        order = torch.randperm(len(self.lengths)).tolist()
+        order = self._epoch_positions()
         span = self.batch_size * self.window
         batches = []
         for start in range(0, len(order), span):
@@ -279,7 +339,8 @@ class LengthGroupedBatches:
             yield batches[index]
 
     def __len__(self):
-        return -(-len(self.lengths) // self.batch_size)
+        texts = sum(len(positions) if count is None else min(count, len(positions)) for positions, count in self.pools)
+        return -(-texts // self.batch_size)
 
 
 def make_collate(pad_token_id, pad_to_multiple_of=1, teacher_pad_token_id=None):

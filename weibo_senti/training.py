@@ -1,8 +1,10 @@
 """The one training loop of all methods, on Hugging Face Accelerate (so `accelerate launch` and bf16 just work).
 
-Each epoch: train with dynamic padding, AdamW, linear warmup and clipping at 1.0; evaluate on the validation
-texts as they are and with the emoticon tags removed; keep the best checkpoint by SELECTION_METRIC in OUTPUT_DIR/best,
-the state to resume from in OUTPUT_DIR/last, and every epoch's metrics in OUTPUT_DIR/training_log.json.
+Each epoch: train with dynamic padding, AdamW, linear warmup and clipping at 1.0 on the human-labelled posts and texts
+drawn from the distant (emoticon-labelled) data, in the share DISTANT_SHARE says; evaluate on the human-labelled
+validation posts and on the distant validation texts, each as they are and with the emoticon tags removed; keep the best
+checkpoint by SELECTION_METRIC in OUTPUT_DIR/best, the state to resume from in OUTPUT_DIR/last, and every epoch's metrics
+in OUTPUT_DIR/training_log.json.
 """
 import json
 import math
@@ -13,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import peft
 import torch
 import torch.nn.functional as F
@@ -25,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, get_linear_schedule_with_warmup
 
-from . import UserError, repo_relative
+from . import REPO_ROOT, UserError, repo_relative
 from .cli import as_flags, check_ranges
 from .calibration import calibrate_checkpoint, calibration_halves
 from .checkpoint import (
@@ -43,7 +46,8 @@ from .checkpoint import (
     write_json_atomic,
 )
 from .data import (
-    LABEL_NAMES, EncodedTexts, LengthGroupedBatches, detailed_scores, load_labelled_csv, make_collate, split_train_val, strip_emoticons,
+    HUMAN_SPLIT_SEED, LABEL_NAMES, EncodedTexts, LengthGroupedBatches, detailed_scores, load_labelled_csv, make_collate, split_human,
+    split_train_val, strip_emoticons,
 )
 from .lpft import PROBE_FILE, choose_alpha, fit_linear_probe, interpolate, load_probe_state, parse_alphas, save_probe_state, trainable_tensors
 from .models import MINI_MODELS, OFFLINE_IMPORTS, PAD_TO_MULTIPLE_OF, POOLINGS, fine_tuning_defaults, load_tokenizer, resolve_mixed_precision, resolve_model
@@ -55,14 +59,18 @@ RUN_IDENTITY = (
 )
 # the same, recorded only when set, so that the runs of earlier versions, which had none of them, still resume
 DISTILLATION_IDENTITY = ("teacher", "distill_weight", "distill_temperature")
-RECIPE_IDENTITY = ("text_prefix", "linear_probe")
+RECIPE_IDENTITY = ("text_prefix", "linear_probe", "human_data", "distant_share", "human_samples", "init_from")
 
 # best/ is the epoch with the highest macro-F1 without emoticon tags (the texts users score have none), on the half of
 # the validation texts the confidence is later fitted on; the other half stays unseen by both, for an honest report.
 # With the tags, macro-F1 stops moving after an epoch or two (7,307 of 7,380 right for both e5 students) and then picks
 # between epochs on a text or none. A run started under the earlier rule keeps it when resumed.
+# With human-labelled posts (weibo2018), best/ is chosen, and calibrated, on them instead: the labels people give are what
+# the classifier is for, and the distant labels were made from the tags.
+HUMAN_SELECTION_METRIC = "human_val_fit_macro_f1"
 SELECTION_METRIC = "val_no_emoticons_fit_macro_f1"
 SELECTION_RULES = {
+    HUMAN_SELECTION_METRIC: "macro-F1 on the human-labelled validation posts the confidence is fitted on, as they are",
     SELECTION_METRIC: "macro-F1 without emoticon tags on the validation texts the confidence is fitted on",
     "val_macro_f1": "validation macro-F1 with the emoticon tags, the rule of runs started by earlier versions",
 }
@@ -113,10 +121,71 @@ def selection_positions(val_rows, seed):
     return np.sort(fit.index.to_numpy()) if len(fit) else np.arange(len(val_rows))
 
 
+def human_data_path(cfg):
+    """HUMAN_DATA as a path ("" or "none": no human-labelled data): relative to the repository as a constant, to the
+    working folder as a flag, like the Path constants."""
+    value = str(getattr(cfg, "human_data", "") or "")
+    if value.lower() in ("", "none"):
+        return None
+    path = Path(value)
+    return path if path.is_absolute() or "human_data" in cfg.given else REPO_ROOT / path
+
+
+def adopt_init_checkpoint(cfg, method_name):
+    """--init-from: the checkpoint to start from, with its base, method settings and text prefix taken over (they are
+    what its weights fit); a flag that contradicts them is refused. Returns its folder, or None."""
+    if not getattr(cfg, "init_from", ""):
+        return None
+    folder = find_checkpoint(Path(cfg.init_from))
+    if not (folder / "checkpoint.json").is_file():
+        raise UserError(f"--init-from {cfg.init_from}: no checkpoint of this toolkit there (no checkpoint.json); give a trained "
+                        f"{method_name} checkpoint folder, such as models/classifiers/{method_name}")
+    info = read_info(folder)
+    if info["method"] != method_name:
+        raise UserError(f"--init-from {cfg.init_from}: a {info['method']} checkpoint; {method_name}/train.py starts only from "
+                        f"{method_name} ones (use {info['method']}/train.py)")
+    adopted = {"model": info["requested_base_model"], **info["method_settings"], "text_prefix": info.get("text_prefix", "")}
+    if isinstance(adopted.get("target_modules"), list):
+        adopted["target_modules"] = ",".join(adopted["target_modules"])
+    clashes = [f"--{key.replace('_', '-')} {getattr(cfg, key)} (the checkpoint has {value})" for key, value in adopted.items()
+               if key in cfg.given and str(getattr(cfg, key)) != str(value)]
+    if clashes:
+        raise UserError(f"--init-from {cfg.init_from}: its weights were trained with other settings: {'; '.join(clashes)}")
+    for key, value in adopted.items():
+        setattr(cfg, key, value)
+        cfg.given = cfg.given | {key}
+    return folder
+
+
+class Sources:
+    """The training texts of one run: the human-labelled posts and the distant (emoticon-labelled) texts, and how many of
+    the latter each epoch draws (all of them when DISTANT_SHARE is 1; none when 0)."""
+
+    def __init__(self, human, distant, share):
+        self.human = human if share < 1 else human.iloc[:0]
+        self.distant = distant if share > 0 else distant.iloc[:0]
+        if 0 < share < 1:
+            self.distant_per_epoch = min(len(self.distant), round(len(self.human) * share / (1 - share)))
+        else:
+            self.distant_per_epoch = len(self.distant)
+        self.rows = pd.concat([self.human, self.distant], ignore_index=True)
+
+    def pools(self):
+        """[(positions in self.rows, how many to draw each epoch or None for all)]"""
+        human = (list(range(len(self.human))), None)
+        distant = (list(range(len(self.human), len(self.rows))), self.distant_per_epoch)
+        return [pool for pool in (human, distant) if pool[0]]
+
+    def describe(self):
+        return (f"{len(self.human):,} human-labelled posts and {self.distant_per_epoch:,} distant-labelled texts an epoch "
+                f"(drawn from {len(self.distant):,})")
+
+
 def _run_identity(cfg):
     # a path inside the repository is recorded relative to it, so the record names no folder of this machine
+    human = human_data_path(cfg) is not None  # then the share is recorded even at 0 (human labels only)
     keys = [*RUN_IDENTITY, *(DISTILLATION_IDENTITY if getattr(cfg, "teacher", "") else ()),
-            *(key for key in RECIPE_IDENTITY if getattr(cfg, key, None))]
+            *(key for key in RECIPE_IDENTITY if getattr(cfg, key, None) or (human and key == "distant_share"))]
     return {key: repo_relative(value) if isinstance(value := getattr(cfg, key), Path) else str(value) for key in keys}
 
 
@@ -223,6 +292,8 @@ SETTING_RANGES = {
     "pooling": (lambda v: v in POOLINGS, " or ".join(POOLINGS)),
     "linear_probe": (lambda v: v >= 0, "an integer >= 0 (0: off)"),
     "wise_tolerance": (lambda v: 0 <= v < 1, "at least 0 and below 1"),
+    "distant_share": (lambda v: 0 <= v <= 1, "between 0 and 1 (0: human labels only, 1: distant labels only)"),
+    "human_samples": (lambda v: v >= 0, "an integer >= 0 (0: all)"),
     "adapter_size": (lambda v: v >= 1, "an integer >= 1"),
     "lora_r": (lambda v: v >= 1, "an integer >= 1"),
     "lora_alpha": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
@@ -290,10 +361,11 @@ def _lock(output_dir):
     return lock
 
 
-def wise_ft(cfg, method, base_path, tokenizer, settings, val_loaders, fit_positions, accelerator, say):
-    """Score best/ at each WiSE-FT alpha on the validation texts without tags, keep the alpha lpft.choose_alpha picks
-    by their fit half (the texts that chose best/), and save best/ with it applied (the fine-tuned weights, alpha 1,
-    stay in best_finetuned/)."""
+def wise_ft(cfg, method, base_path, tokenizer, settings, val_loaders, chosen_on, fit_positions, accelerator, say):
+    """Score best/ at each WiSE-FT alpha on the texts that chose it (val_loaders[chosen_on]: the human-labelled posts,
+    else the distant validation texts without tags), keep the alpha lpft.choose_alpha picks by their fit half, and save
+    best/ with it applied (the fine-tuned weights, alpha 1, stay in best_finetuned/)."""
+    what = "on the human-labelled posts" if chosen_on == "human_val" else "without emoticons"
     best_dir = cfg.output_dir / "best"
     info = read_info(best_dir)
     model = method.build(base_path, tokenizer, settings, weights_from=best_dir).to(accelerator.device)
@@ -301,27 +373,30 @@ def wise_ft(cfg, method, base_path, tokenizer, settings, val_loaders, fit_positi
     probe = load_probe_state(cfg.output_dir / PROBE_FILE)
     candidates = []
     for alpha in parse_alphas(cfg.wise_alphas):
-        if alpha == 1 and "val_no_emoticons_fit_accuracy" in info["metrics"]:  # as its epoch scored it (else, an earlier version's: again)
-            metrics = {key.removeprefix("val_no_emoticons_"): value for key, value in info["metrics"].items() if key.startswith("val_no_emoticons_")}
+        if alpha == 1 and f"{chosen_on}_fit_accuracy" in info["metrics"]:  # as its epoch scored it (else, an earlier version's: again)
+            metrics = {key.removeprefix(f"{chosen_on}_"): value for key, value in info["metrics"].items()
+                       if key.startswith(f"{chosen_on}_") and not key.startswith(f"{chosen_on}_no_emoticons")}
         else:
             interpolate(model, finetuned, probe, alpha)
             with accelerator.autocast():  # the precision the epochs were scored in, as alpha 1 was
-                metrics = evaluate(model, val_loaders["val_no_emoticons"], accelerator, fit_positions)
+                metrics = evaluate(model, val_loaders[chosen_on], accelerator, fit_positions)
         candidates.append({"alpha": alpha, **{key: round(value, 4) for key, value in metrics.items()}})
-        say(f"WiSE-FT alpha {alpha:g}: without emoticons acc {metrics['accuracy']:.4f} recall neg/pos "
+        say(f"WiSE-FT alpha {alpha:g}: {what} acc {metrics['accuracy']:.4f} recall neg/pos "
             f"{metrics['recall_negative']:.3f}/{metrics['recall_positive']:.3f}")
     alpha = choose_alpha(candidates, cfg.wise_tolerance, key="fit_accuracy")
-    rule = (f"the smallest alpha whose accuracy without tags on the validation texts the confidence is fitted on is within "
-            f"{cfg.wise_tolerance:g} of the best")
+    texts = "human-labelled posts" if chosen_on == "human_val" else "validation texts without tags"
+    rule = f"the smallest alpha whose accuracy on the {texts} the confidence is fitted on is within {cfg.wise_tolerance:g} of the best"
     info["wise_ft"] = {"alpha": alpha, "rule": rule, "candidates": candidates}
     say(f"WiSE-FT: alpha {alpha:g} ({rule})")
     if alpha < 1:
         interpolate(model, finetuned, probe, alpha)
         chosen = next(row for row in candidates if row["alpha"] == alpha)
+        updated = {f"{chosen_on}_{key}": value for key, value in chosen.items() if key != "alpha"}
         with accelerator.autocast():
-            with_tags = evaluate(model, val_loaders["val"], accelerator)
-        info["metrics"] = {**info["metrics"], **{f"val_{key}": value for key, value in with_tags.items()},
-                           **{f"val_no_emoticons_{key}": value for key, value in chosen.items() if key != "alpha"}}
+            for name, loader in val_loaders.items():
+                if name != chosen_on:
+                    updated.update({f"{name}_{key}": value for key, value in evaluate(model, loader, accelerator).items()})
+        info["metrics"] = {**info["metrics"], **updated}
     if accelerator.is_main_process:
         if alpha < 1:
             with atomic_directory(cfg.output_dir / "best_finetuned") as tmp:
@@ -357,6 +432,7 @@ def _run(cfg, method_name, accelerator, why):
     method = method_module(method_name)
     best_dir, last_dir, log_path = cfg.output_dir / "best", cfg.output_dir / "last", cfg.output_dir / LOG_FILE
 
+    init_dir = adopt_init_checkpoint(cfg, method_name)
     mini_model = MINI_MODELS[BASE_FAMILY[method_name]]
     base_path = resolve_model(cfg.model, fallback=mini_model)
     note = apply_base_defaults(cfg, base_path, method_name)
@@ -369,10 +445,22 @@ def _run(cfg, method_name, accelerator, why):
     base_model = repo_relative(base_path) if stand_in else str(cfg.model)
     resume_dir, state, resumed = _resume_state(cfg, last_dir, method_name, settings) if cfg.resume else (None, None, {})
 
+    human_path = human_data_path(cfg)
+    share = getattr(cfg, "distant_share", 1.0) if human_path else 1.0
+    if human_path:
+        human_table, human_report = load_labelled_csv(human_path)
+        say(human_report)
+        human_train, human_val = split_human(human_table, samples=getattr(cfg, "human_samples", 0))
+        say(f"human-labelled: train {len(human_train):,} posts, validation {len(human_val):,} (fixed split, seed {HUMAN_SPLIT_SEED})")
     table, report = load_labelled_csv(cfg.data)
     say(report)
     train_rows, val_rows = split_train_val(table, cfg.val_fraction, cfg.seed, cfg.max_samples)
-    say(f"train: {len(train_rows):,} rows, validation: {len(val_rows):,} rows (seed {cfg.seed})")
+    say(f"distant-labelled: train {len(train_rows):,} rows, validation {len(val_rows):,} rows (seed {cfg.seed})")
+    sources = Sources(human_train if human_path else train_rows.iloc[:0], train_rows, share)
+    selected_metric = HUMAN_SELECTION_METRIC if human_path else SELECTION_METRIC
+    say(f"training on {sources.describe()}; best/ by {SELECTION_RULES[selected_metric]}")
+    if init_dir is not None:
+        say(f"starting from {repo_relative(init_dir)} (--init-from)")
     if note:
         say(note)
     tokenizer = load_tokenizer(base_path)
@@ -382,7 +470,7 @@ def _run(cfg, method_name, accelerator, why):
             f"probabilities at temperature {cfg.distill_temperature:g}")
     set_seed(cfg.seed)
     try:
-        model = method.build(base_path, tokenizer, settings, weights_from=resume_dir)
+        model = method.build(base_path, tokenizer, settings, weights_from=resume_dir or init_dir)
     except CheckpointError:
         raise
     except Exception as error:
@@ -398,21 +486,27 @@ def _run(cfg, method_name, accelerator, why):
 
     collate = make_collate(tokenizer.pad_token_id, PAD_TO_MULTIPLE_OF[accelerator.mixed_precision], teacher and teacher.tokenizer.pad_token_id)
     text_prefix = getattr(cfg, "text_prefix", "")
+    train_rows = sources.rows
     train_set = EncodedTexts(
         train_rows["review"], train_rows["label"], tokenizer, cfg.max_length, cfg.emoticon_drop, teacher and teacher.tokenizer,
         text_prefix, teacher and teacher.text_prefix,
     )
-    if cfg.group_by_length:
-        batches = LengthGroupedBatches([len(ids) for ids in train_set.input_ids], cfg.batch_size)
+    if cfg.group_by_length or len(sources.pools()) > 1:
+        batches = LengthGroupedBatches([len(ids) for ids in train_set.input_ids], cfg.batch_size, 50 if cfg.group_by_length else 1,
+                                       sources.pools())
         train_loader = DataLoader(train_set, batch_sampler=batches, collate_fn=collate)
     else:
         train_loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate)
-    val_texts = {"val": val_rows["review"], "val_no_emoticons": val_rows["review"].map(strip_emoticons)}
-    fit_positions = selection_positions(val_rows, cfg.seed)
+    val_sets = {"val": (val_rows, False), "val_no_emoticons": (val_rows, True)}
+    fit_positions = {"val_no_emoticons": selection_positions(val_rows, cfg.seed)}
+    if human_path:  # first, so that each log line leads with them
+        val_sets = {"human_val": (human_val, False), "human_val_no_emoticons": (human_val, True), **val_sets}
+        fit_positions["human_val"] = selection_positions(human_val, HUMAN_SPLIT_SEED)
     val_loaders = {
-        name: DataLoader(EncodedTexts(texts, val_rows["label"], tokenizer, cfg.max_length, text_prefix=text_prefix),
+        name: DataLoader(EncodedTexts(rows["review"].map(strip_emoticons) if strip else rows["review"], rows["label"], tokenizer,
+                                      cfg.max_length, text_prefix=text_prefix),
                          batch_size=cfg.batch_size * 2, collate_fn=collate)
-        for name, texts in val_texts.items()
+        for name, (rows, strip) in val_sets.items()
     }
     probe = None
     if getattr(cfg, "linear_probe", 0) and resume_dir is None:
@@ -430,7 +524,7 @@ def _run(cfg, method_name, accelerator, why):
     total_steps = len(train_loader) * cfg.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
 
-    start_epoch, selected_by, best_score, log = 0, SELECTION_METRIC, -1.0, []
+    start_epoch, selected_by, best_score, log = 0, selected_metric, -1.0, []
     extended_from = resumed.get("extended_from_epochs")
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -466,7 +560,10 @@ def _run(cfg, method_name, accelerator, why):
         "selected_by": {"metric": selected_by, "rule": SELECTION_RULES[selected_by]},
         **({"extended_from_epochs": extended_from} if extended_from else {}),
         **({"linear_probe": probe} if probe else {}),
-        "data_rows": {"train": len(train_rows), "val": len(val_rows)},
+        **({"init_from": repo_relative(init_dir)} if init_dir is not None else {}),
+        "data_rows": {"train": len(train_rows), "val": len(val_rows),
+                      **({"human_train": len(sources.human), "human_val": len(human_val), "distant_per_epoch": sources.distant_per_epoch}
+                         if human_path else {})},
         "parameters": dict(zip(("total", "trainable"), count_parameters(accelerator.unwrap_model(model)))),
         "versions": {
             "python": platform.python_version(), "torch": torch.__version__,
@@ -505,16 +602,20 @@ def _run(cfg, method_name, accelerator, why):
             "epoch": epoch + 1,
             "train_loss": loss_sum / steps,
             "train_seconds": round(train_seconds, 1),
-            "train_samples_per_second": round(len(train_rows) / train_seconds, 1),
+            "train_samples_per_second": round(steps * cfg.batch_size / train_seconds, 1),
         }
         for name, loader in val_loaders.items():
-            metrics = evaluate(model, loader, accelerator, fit_positions if name == "val_no_emoticons" else None)
+            metrics = evaluate(model, loader, accelerator, fit_positions.get(name))
             entry.update({f"{name}_{key}": value for key, value in metrics.items()})
         log.append(entry)
         improved = entry[selected_by] > best_score
         best_score = max(best_score, entry[selected_by])
+        human = (f"human-labelled acc {entry['human_val_accuracy']:.4f} macro-F1 {entry['human_val_macro_f1']:.4f} recall neg/pos "
+                 f"{entry['human_val_recall_negative']:.3f}/{entry['human_val_recall_positive']:.3f} calibration error "
+                 f"{entry['human_val_calibration_error']:.3f}, without tags acc {entry['human_val_no_emoticons_accuracy']:.4f} | "
+                 if "human_val_accuracy" in entry else "")
         say(
-            f"epoch {epoch + 1}: train loss {entry['train_loss']:.4f} | validation acc {entry['val_accuracy']:.4f} "
+            f"epoch {epoch + 1}: train loss {entry['train_loss']:.4f} | {human}distant validation acc {entry['val_accuracy']:.4f} "
             f"macro-F1 {entry['val_macro_f1']:.4f} | without emoticons acc {entry['val_no_emoticons_accuracy']:.4f} "
             f"macro-F1 {entry['val_no_emoticons_macro_f1']:.4f} recall neg/pos {entry['val_no_emoticons_recall_negative']:.3f}/"
             f"{entry['val_no_emoticons_recall_positive']:.3f} calibration error {entry['val_no_emoticons_calibration_error']:.3f} | "
@@ -535,7 +636,11 @@ def _run(cfg, method_name, accelerator, why):
         accelerator.wait_for_everyone()
     say(f"best {SELECTION_RULES[selected_by]}: {best_score:.4f}; checkpoint: {best_dir}")
     if getattr(cfg, "wise_alphas", ""):
-        wise_ft(cfg, method, base_path, tokenizer, settings, val_loaders, fit_positions, accelerator, say)
+        chosen_on = "human_val" if selected_by == HUMAN_SELECTION_METRIC else "val_no_emoticons"
+        wise_ft(cfg, method, base_path, tokenizer, settings, val_loaders, chosen_on, fit_positions[chosen_on], accelerator, say)
     if accelerator.is_main_process:
-        calibrate_checkpoint(best_dir, val_rows, cfg.seed, cfg.batch_size * 2, say)
+        if selected_by == HUMAN_SELECTION_METRIC:
+            calibrate_checkpoint(best_dir, human_val, HUMAN_SPLIT_SEED, cfg.batch_size * 2, say, as_they_are=True)
+        else:
+            calibrate_checkpoint(best_dir, val_rows, cfg.seed, cfg.batch_size * 2, say)
     return log
