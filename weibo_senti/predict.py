@@ -13,11 +13,13 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, pipeline
 
-from . import REPO_ROOT, UserError
+from . import REPO_ROOT, UserError, tokens
 from .calibration import apply_calibration, calibration_of
 from .checkpoint import CheckpointError, atomic_file, find_checkpoint, load_checkpoint, read_info
 from .data import MISSING_TEXT_MARKERS, DataError, read_csv_text, scores
-from .models import MIXED_PRECISIONS, MODELS_DIR, PAD_TO_MULTIPLE_OF, autocast, load_tokenizer, quiet_loading, resolve_mixed_precision, resolve_model
+from .models import (
+    PRECISION_DTYPES, MIXED_PRECISIONS, MODELS_DIR, PAD_TO_MULTIPLE_OF, autocast, load_tokenizer, quiet_loading, resolve_mixed_precision, resolve_model,
+)
 from .pooling import use_mean_pooling
 
 BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
@@ -45,14 +47,35 @@ def clean_text(text):
 
 
 def runtime_options(cfg):
-    """Classifier.load's options from a script's MIXED_PRECISION and BACKEND settings."""
-    return {"mixed_precision": cfg.mixed_precision, "backend": cfg.backend}
+    """Classifier.load's options from a script's MIXED_PRECISION, BACKEND and BATCH_TOKENS settings."""
+    return {"mixed_precision": cfg.mixed_precision, "backend": cfg.backend, "batch_tokens": getattr(cfg, "batch_tokens", 0)}
 
 
 def prediction_device(backend):
     """Where PyTorch scores: the GPU when one is visible and the backend lets PyTorch run (torch, auto), else the CPU;
     the ONNX Runtime paths are its CPU build. CUDA_VISIBLE_DEVICES="" keeps a GPU machine's scoring on its CPU."""
     return torch.device("cuda" if backend in ("torch", "auto") and torch.cuda.is_available() else "cpu")
+
+
+# score.py's and serve.py's batches and queue on a GPU, where not given on the command line (their constants are the
+# CPU's). A GPU computes a batch of 64 texts in less time than the CPU takes to make it: large batches of about equal
+# token counts keep it busy, and a queue as deep as many clients' requests together keeps them from 503s
+# (results/gpu.md).
+GPU_SETTINGS = {"batch_tokens": 65536, "chunk_rows": 50000, "max_batch_size": 4096, "max_queue": 65536}
+
+
+def fit_to_device(cfg):
+    """On a GPU, the GPU_SETTINGS that the command line did not give. Returns the start-up line saying where the texts
+    are scored and with which batches."""
+    device = prediction_device(cfg.backend)
+    if device.type == "cuda":
+        for name, value in GPU_SETTINGS.items():
+            if hasattr(cfg, name) and name not in cfg.given:
+                setattr(cfg, name, value)
+    names = [name for name in ("batch_size", "forward_batch_size", *GPU_SETTINGS) if hasattr(cfg, name)]
+    chosen = ", ".join(f"--{name.replace('_', '-')} {getattr(cfg, name)}" for name in names)
+    where = f"GPU ({torch.cuda.get_device_name(device)}): where not given, the GPU's" if device.type == "cuda" else "CPU"
+    return f"device: {where} batches and queue: {chosen}"
 
 
 def text_problem(text):
@@ -76,23 +99,43 @@ def prediction_cut(info):
     return info.get("predict_max_length", info["max_length"])
 
 
+def cast_keeping_head_fp32(model, dtype):
+    """Cast the model's weights to `dtype`, all but the classification head, which reads its input in fp32: the logits,
+    and so the calibrated confidence, keep fp32's resolution."""
+    model.to(dtype)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = getattr(inner, "classifier", None) or getattr(inner, "score", None)
+    if isinstance(head, torch.nn.Module):
+        head.float()
+        head.register_forward_pre_hook(lambda module, args: tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args))
+    return model
+
+
 class Classifier:
     """A loaded model with its tokenizer; predict() takes any number of texts and batches them by length."""
 
     def __init__(self, model, tokenizer, max_length, source, use_pipeline=False, clean=False, mixed_precision="no", backend="torch",
-                 checkpoint=None, calibration=(1.0, 0.0), text_prefix=""):
+                 checkpoint=None, calibration=(1.0, 0.0), text_prefix="", batch_tokens=0):
         """backend: torch, onnx (ONNX Runtime fp32), onnx-int8, or auto (onnx_backend.resolve_backend); the onnx ones
         export `checkpoint` (a folder) once and keep the export beside it. calibration: (temperature, bias), applied as
         softmax(logits / temperature + [0, bias]) (calibration.py fits them; checkpoint.json keeps them). text_prefix:
-        put before every text, as the model was trained (e5's "passage: "). The model moves to prediction_device()."""
+        put before every text, as the model was trained (e5's "passage: "). batch_tokens > 0: batches hold as many
+        length-sorted texts as fit in that many padded tokens, instead of batch_size texts. The model moves to
+        prediction_device(); on a GPU in bf16 (fp16) its weights are cast once, the head kept in fp32."""
         if model.config.num_labels != 2:
             raise CheckpointError(f"{source}: a two-class (negative, positive) classifier is needed, it has {model.config.num_labels} labels")
         self.model, self.tokenizer, self.max_length, self.source, self.clean = (
             model.to(prediction_device(backend)).eval(), tokenizer, max_length, source, clean)
         (self.temperature, self.bias), self.text_prefix = calibration, text_prefix
         self.adapter_calibrations = {}  # adapter name -> its checkpoint's (temperature, bias), for a PeftModel serving several
-        # weights stay as they are; 'bf16' runs the forward pass under autocast
-        self.precision, self.precision_reason = resolve_mixed_precision(mixed_precision, model.device.type)
+        self.batch_tokens = batch_tokens
+        # on a CPU the weights stay fp32 and 'bf16' runs the forward pass under autocast; on a GPU autocast's per-call
+        # casts cost more CPU time than the forward pass of a small model, so the weights are cast once instead
+        self.precision, self.precision_reason = resolve_mixed_precision(mixed_precision, self.model.device.type)
+        self.weights_cast = self.model.device.type == "cuda" and self.precision != "no"
+        if self.weights_cast:
+            cast_keeping_head_fp32(self.model, PRECISION_DTYPES[self.precision])
+            self.precision_reason += "; weights cast once, the head in fp32"
         self.onnx, self.backend, self.backend_reason = None, "torch", "as asked"
         if backend != "torch":
             self._use_onnx(backend, checkpoint, use_pipeline)
@@ -135,6 +178,14 @@ class Classifier:
         folder, record = onnx_backend.ensure_exported(self, checkpoint)
         self.onnx = onnx_backend.load_exported(folder, record, self.backend)
         self.precision, self.precision_reason = "no", "ONNX Runtime"
+
+    @property
+    def max_length(self):
+        return self.encoder.max_length
+
+    @max_length.setter
+    def max_length(self, tokens_at_most):
+        self.encoder = tokens.TextEncoder(self.tokenizer, tokens_at_most)
 
     @property
     def runs_as(self):
@@ -193,28 +244,28 @@ class Classifier:
 
     def probabilities_with(self, onnx_model, texts, batch_size=64, adapter_names=None, precision=None):
         """probabilities() through an onnx_backend.OnnxModel, or through PyTorch when it is None (in `precision`, by
-        default the classifier's)."""
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        result = np.zeros((len(texts), 2), dtype=np.float32)
+        default the classifier's). Batches are sorted by token length; the logits come back from the device once."""
         precision = "no" if onnx_model is not None else precision or self.precision
-        with torch.inference_mode(), autocast(precision, self.model.device.type):
-            for start in range(0, len(order), batch_size):
-                chunk = order[start:start + batch_size]
-                encoded = self.tokenizer(
-                    [texts[i] for i in chunk], padding=True, truncation=True, max_length=self.max_length,
-                    pad_to_multiple_of=PAD_TO_MULTIPLE_OF[precision], return_tensors="pt",
-                )
-                encoded = {key: value.to(self.model.device) for key, value in encoded.items() if key in ("input_ids", "attention_mask")}
+        device = self.model.device if onnx_model is None else torch.device("cpu")
+        multiple = PAD_TO_MULTIPLE_OF["bf16" if self.weights_cast else precision]
+        made = tokens.batches(texts, self.encoder, batch_size, self.batch_tokens, multiple, tokens.WINDOW if device.type == "cuda" else None)
+        positions, logits = [], []
+        with torch.inference_mode(), contextlib.nullcontext() if self.weights_cast else autocast(precision, device.type):
+            for rows, input_ids, attention_mask in tokens.to_device(made, device):
                 if onnx_model is not None:
-                    logits = torch.from_numpy(onnx_model.logits(encoded["input_ids"].numpy(), encoded["attention_mask"].numpy()))
+                    batch_logits = torch.from_numpy(onnx_model.logits(input_ids.numpy(), attention_mask.numpy()))
                 else:
-                    if adapter_names is not None:
-                        encoded["adapter_names"] = [adapter_names[i] for i in chunk]
-                    logits = self.model(**encoded).logits
-                temperature, bias = self._calibrations(chunk, adapter_names)
-                scaled = logits.float().cpu() / temperature
-                scaled[:, 1] += bias
-                result[chunk] = torch.softmax(scaled, dim=-1).numpy()
+                    extra = {"adapter_names": [adapter_names[i] for i in rows]} if adapter_names is not None else {}
+                    batch_logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
+                positions.append(rows)
+                logits.append(batch_logits.float())
+        result = np.zeros((len(texts), 2), dtype=np.float32)
+        if positions:
+            positions = np.concatenate(positions)
+            temperature, bias = self._calibrations(positions, adapter_names)
+            scaled = torch.cat(logits).cpu() / temperature
+            scaled[:, 1] += bias
+            result[positions] = torch.softmax(scaled, dim=-1).numpy()
         if onnx_model is not None and onnx_model.recheck_margin:  # int8's second look: the near-even texts again, in fp32
             near = np.flatnonzero(np.abs(result[:, 1] - 0.5) < onnx_model.recheck_margin)
             if len(near):

@@ -29,7 +29,7 @@ from .cli import check_ranges
 from .calibration import calibration_of
 from .checkpoint import CheckpointError, base_model_of, find_checkpoint, model_name, read_info
 from .models import BASE_SETTINGS
-from .predict import Classifier, clean_text, prediction_cut, runtime_options, text_problem
+from .predict import Classifier, clean_text, fit_to_device, prediction_cut, runtime_options, text_problem
 
 log = logging.getLogger("weibo_senti.serving")
 SHARES_BASE = ("lora", "bert_lora")  # methods whose checkpoints are PEFT adapters: one base in memory for all of them
@@ -606,6 +606,7 @@ SETTING_RANGES = {
     **{name: (_at_least(1), "an integer >= 1") for name in (
         "max_texts_per_request", "max_text_chars", "max_body_bytes", "max_batch_size", "forward_batch_size", "max_queue")},
     "max_wait_ms": (_at_least(0), "a number >= 0"),
+    "batch_tokens": (_at_least(0), "an integer >= 0 (0: FORWARD_BATCH_SIZE texts a forward pass)"),
     "request_timeout_s": (lambda v: math.isfinite(v) and v > 0, "a number of seconds > 0"),
     "cache_size": (_at_least(0), "an integer >= 0 (0: no cache)"),
 }
@@ -619,8 +620,10 @@ def serve(cfg, default_checkpoint):
     check_ranges(cfg, SETTING_RANGES)
     checkpoints = parse_checkpoints(cfg.checkpoint, default_checkpoint)
     check_checkpoints(checkpoints)
+    fitted = fit_to_device(cfg)
     limits = Limits(**{name: getattr(cfg, name) for name in Limits.__dataclass_fields__})
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+    log.info(fitted)
     failure = {}
 
     def stop_serving(error):
