@@ -102,7 +102,11 @@ def test_calibrate_py_refits_and_the_model_id_changes_but_not_the_export(calibra
     result = run_script(REPO_ROOT / "calibrate.py", checkpoint)
     assert result.returncode == 0, result.stderr
     assert "temperature" in result.stdout and "bias" in result.stdout and "without tags" in result.stdout
-    assert read_info(checkpoint)["calibration"] == calibrated["calibration"]  # the same texts give the same temperature
+    # the same texts give the same temperature, up to bf16's roundings: calibrate.py scores in batches of 64, train.py of
+    # 2 x its batch size, and on a CPU with AMX the bf16 kernels round differently with the batch's row count
+    refit, fitted = read_info(checkpoint)["calibration"], calibrated["calibration"]
+    assert refit["temperature"] == pytest.approx(fitted["temperature"], abs=2e-3) and refit["bias"] == pytest.approx(fitted["bias"], abs=2e-3)
+    assert refit["fitted_on"] == fitted["fitted_on"]
     assert f"temperature {calibrated['calibration']['temperature']:.3f}" in (checkpoint / "README.md").read_text(encoding="utf-8")
     assert model_name(checkpoint) != before_id  # score.py rescores: its confidences changed
     assert cache_folder(checkpoint) == before_export  # the exported network did not
