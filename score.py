@@ -48,14 +48,16 @@ def main():
         raise scoring.DataError(f"--engine {cfg.engine}: local or spark")
     cli.check_ranges(cfg, {name: (lambda v: v >= 1, "an integer >= 1") for name in ("chunk_rows", "batch_size")})
     cli.check_ranges(cfg, {"batch_tokens": (lambda v: v >= 0, "an integer >= 0 (0: BATCH_SIZE texts a call)")})
-    print(fit_to_device(cfg), file=sys.stderr)
+    device_line = fit_to_device(cfg)  # said when the model loads: a refused input stays one line
     checkpoint = cfg.checkpoint or default_scoring_classifier()
     model = model_name(checkpoint)
     began = time.perf_counter()
     if cfg.engine == "spark":
+        print(device_line, file=sys.stderr)
         counts = scoring.score_spark(cfg, checkpoint, model)
     else:
         def load_classifier():
+            print(device_line, file=sys.stderr)
             classifier = Classifier.load(checkpoint, **runtime_options(cfg))
             print(classifier.describe_runtime(), file=sys.stderr)
             return classifier

@@ -203,7 +203,7 @@ def test_a_missing_file_to_score_gets_no_hint_about_training_data_and_a_folder_a
     result = run_script(PREDICT, "--checkpoint", trained("adapter_tuning")[0] / "best", "--file", tmp_path / "none.csv")
     assert result.returncode == 2 and "file not found" in result.stderr and "weibo_senti_100k" not in result.stderr
     result = run_script(TRAIN, "--data", tmp_path, "--output-dir", tmp_path / "out")
-    assert result.returncode == 2 and "is a folder, not a CSV file" in result.stderr
+    assert result.returncode == 2 and "is a folder, not a file" in result.stderr
 
 
 # property-based: arbitrary Unicode never gives a traceback, always one result or one named error per input, in order

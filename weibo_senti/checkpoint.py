@@ -146,8 +146,13 @@ def model_card(info):
              f"# Weibo sentiment: {method} on {info['base_model']}", ""]
     script = "bench/full_finetune.py" if reference else f"{method}/train.py"
     about = f"A checkpoint of this toolkit, trained by `{script}`"
-    if rows:
+    if rows.get("human_train") or rows.get("human_val"):
+        about += (f" on {rows['human_train']:,} posts labelled by people (`{run.get('human_data')}`; {rows['human_val']:,} more held out)"
+                  + (f" and {rows['distant_per_epoch']:,} texts an epoch drawn from `{run.get('data')}`" if rows.get("distant_per_epoch") else ""))
+    elif rows:
         about += f" on `{run.get('data', 'its data')}` ({rows['train']:,} training rows, {rows['val']:,} validation)"
+    if info.get("init_from"):
+        about += f", starting from the trained `{info['init_from']}`"
     if "epoch" in info:
         selected = info.get("selected_by") or {}
         about += f", the best epoch by {selected.get('rule', 'validation macro-F1')} (epoch {info['epoch']} of {run.get('epochs', info['epoch'])}"
@@ -161,10 +166,15 @@ def model_card(info):
     if info.get("text_prefix"):
         settings.append(f"every text prefixed with {info['text_prefix']!r}")
     lines += [about + ".", "", *([f"Settings: {', '.join(settings)}.", ""] if settings else [])]
-    texts = f"{rows['val']:,} validation texts" if rows else "validation texts"
+    texts = f"{rows['val']:,} validation texts" if rows and "human_val_accuracy" not in metrics else "validation texts"
     texts += ", before the confidence fit" if calibration else ""
     lines += [f"| {texts} | accuracy | macro-F1 | recall negative / positive | calibration error |", "|---|---:|---:|---:|---:|"]
-    for label, prefix in (("as they are", "val_"), ("emoticon tags removed", "val_no_emoticons_")):
+    sets = [("as they are", "val_"), ("emoticon tags removed", "val_no_emoticons_")]
+    if "human_val_accuracy" in metrics:
+        sets = [(f"{rows.get('human_val', 0):,} posts labelled by people, as they are", "human_val_"),
+                ("the same, tags removed", "human_val_no_emoticons_"),
+                *((f"weibo_senti_100k, {label}", prefix) for label, prefix in sets)]
+    for label, prefix in sets:
         recalls = [metrics.get(prefix + "recall_negative"), metrics.get(prefix + "recall_positive")]
         lines.append(f"| {label} | {_figure(metrics.get(prefix + 'accuracy'), 4)} | {_figure(metrics.get(prefix + 'macro_f1'), 4)} | "
                      f"{' / '.join(_figure(r, 3) for r in recalls) if None not in recalls else ''} | "

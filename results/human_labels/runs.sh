@@ -15,16 +15,17 @@ run() {  # name, script, flags...
 mkdir -p "$RUNS"
 # (a) weibo2018 alone, from e5
 run adapter_a_human adapter_tuning/train.py $E5 --distant-share 0
-# (b) weibo_senti_100k, then weibo2018: the shipped classifier (trained on weibo_senti_100k) fine-tuned on people's labels
-run adapter_b_init adapter_tuning/train.py --init-from models/classifiers/adapter_tuning --distant-share 0 --max-samples 20000
+# (b) weibo_senti_100k, then weibo2018: the classifier trained on weibo_senti_100k alone (shipped as adapter_tuning until
+# this run won; the run named it by that path) fine-tuned on people's labels
+run adapter_b_init adapter_tuning/train.py --init-from models/classifiers/adapter_tuning_distant --distant-share 0 --max-samples 20000
 # (c) both mixed, half of each epoch's texts from each
 run adapter_c_mixed adapter_tuning/train.py $E5 --distant-share 0.5
-# the learning curve: 250, 1,000 and 3,000 human labels, from e5 and from the shipped classifier
+# the learning curve: 250, 1,000 and 3,000 human labels, from e5 and from the shipped classifier of weibo_senti_100k
 for n in 250 1000 3000; do
     run adapter_a_human_$n adapter_tuning/train.py $E5 --distant-share 0 --max-samples 20000 --human-samples $n
-    run adapter_b_init_$n adapter_tuning/train.py --init-from models/classifiers/adapter_tuning --distant-share 0 --max-samples 20000 --human-samples $n
+    run adapter_b_init_$n adapter_tuning/train.py --init-from models/classifiers/adapter_tuning_distant --distant-share 0 --max-samples 20000 --human-samples $n
 done
-# bert_lora: the same three recipes
+# bert_lora: the shipped one fine-tuned on people's labels first, then the other two recipes
 run bert_lora_b_init bert_lora/train.py --init-from models/classifiers/bert_lora --distant-share 0 --max-samples 20000
 run bert_lora_a_human bert_lora/train.py $E5 --distant-share 0 --max-samples 20000
 run bert_lora_c_mixed bert_lora/train.py $E5 --distant-share 0.5
