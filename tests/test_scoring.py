@@ -307,8 +307,14 @@ def test_where_is_one_bracketed_read_only_condition(checkpoint, tmp_path, databa
     # a trailing comment used to swallow the paging condition
     assert summary(score(*args, "--output-table", "other", "--where", "note_id <= 25 --"))["read"] == 25
     result = score(*args, "--where", "1=1; DROP TABLE victim", expect=2)
-    assert "one condition, not several statements" in result.stderr and "Traceback" not in result.stderr
+    assert "would start a second statement" in result.stderr and "Traceback" not in result.stderr
     assert "victim" in sa.inspect(engine).get_table_names()
+    # an unbalanced bracket used to escape the brackets: "read" millions of rows of a 300-row table (issue 44)
+    for escaping, problem in [("1=1) OR (1=1", "closes a bracket that was never opened"),
+                              ("note_id <= 25 -- (\n) OR (1=1 -- )", "could hide a bracket"),
+                              ("(note_id <= 25", "'(' never closed"), ("note_id = 'x", "never closed")]:
+        result = score(*args, "--where", escaping, expect=2)
+        assert problem in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     engine.dispose()
 
 

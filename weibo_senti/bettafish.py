@@ -47,13 +47,17 @@ class BatchSentimentResult:
 class WeiboSentimentAnalyzer:
     """url: a serve.py to ask (through weibo_senti.client); without one, the classifier loads in this process from
     checkpoint (default: the one serve.py and score.py use). model: a name from the server's /api/models. retries: of
-    a request the server refused for now (503, 504) or lost, before the texts pass through unscored."""
+    a request the server refused for now (503, 504) or lost, before the texts pass through unscored. connect_timeout_s,
+    timeout_s: to wait for the server's connection and for each answer; deadline_s: the most one call to the server
+    (initialize(), a chunk of PROGRESS_CHUNK texts) takes, retries included."""
 
-    def __init__(self, url=None, checkpoint=None, model=None, neutral_below=None, mixed_precision="auto", batch_size=64, retries=3):
+    def __init__(self, url=None, checkpoint=None, model=None, neutral_below=None, mixed_precision="auto", batch_size=64, retries=3,
+                 connect_timeout_s=5.0, timeout_s=60.0, deadline_s=120.0):
         if neutral_below is not None and not 0.5 <= neutral_below <= 1:
             raise ValueError(f"neutral_below={neutral_below}: a confidence from 0.5 to 1 (a binary label is never less sure than 0.5)")
         self.url, self.checkpoint, self.model, self.neutral_below = url, checkpoint, model, neutral_below
         self.mixed_precision, self.batch_size, self.retries = mixed_precision, batch_size, retries
+        self.timeouts = {"connect_timeout_s": connect_timeout_s, "timeout_s": timeout_s, "deadline_s": deadline_s}
         self.client = self.classifier = None
         self.model_id = None
         self.is_initialized, self.is_disabled, self.disable_reason = False, False, None
@@ -79,7 +83,7 @@ class WeiboSentimentAnalyzer:
             if self.url:
                 from .client import SentimentClient
 
-                self.client = SentimentClient(self.url, model=self.model, retries=self.retries)
+                self.client = SentimentClient(self.url, model=self.model, retries=self.retries, **self.timeouts)
                 served = self.client.models()["models"]
                 chosen = [m for m in served if m["name"] == self.model] if self.model else [m for m in served if m["default"]]
                 if not chosen:
@@ -128,7 +132,10 @@ class WeiboSentimentAnalyzer:
             chunks = range(0, len(cleaned), PROGRESS_CHUNK)
             for start in tqdm(chunks, desc="sentiment", unit="chunk", disable=not show_progress or len(cleaned) <= PROGRESS_CHUNK):
                 chunk = cleaned[start:start + PROGRESS_CHUNK]
-                scored.extend(self.client.score(chunk) if self.client else self.classifier.predict_each(chunk, self.batch_size))
+                answered = self.client.score(chunk) if self.client else self.classifier.predict_each(chunk, self.batch_size)
+                if len(answered) != len(chunk):
+                    raise RuntimeError(f"{len(answered)} results for {len(chunk)} texts")
+                scored.extend(answered)
         except Exception as error:  # the service went away mid-run: BettaFish goes on without sentiment
             reason = f"sentiment analysis failed: {type(error).__name__}: {error}"
             return BatchSentimentResult(self._not_performed(texts, reason), len(texts), 0, len(texts), 0.0, analysis_performed=False)

@@ -231,7 +231,27 @@ def read_info(directory):
         if key not in info or not isinstance(value, kind) or isinstance(value, bool) or not allowed(value):
             found = "missing" if key not in info else f"{value!r}"[:80]
             raise CheckpointError(f"{info_path} is damaged: '{key}' must be {description}, it is {found}. Copy the checkpoint again, or train anew.")
+    _check_calibration(info, info_path)
     return info
+
+
+# the calibration a checkpoint.json may hold (missing or null: none). Fitting keeps T in (0.05, 20) and the bias near 0;
+# outside these, a value can only come from a damaged or edited file, and it would flip labels or give NaN confidences
+CALIBRATION_LIMITS = {"temperature": (1e-3, 1e3), "bias": (-100.0, 100.0)}
+
+
+def _check_calibration(info, info_path):
+    record = info.get("calibration")
+    if record is None:
+        return
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{info_path} is damaged: 'calibration' must be an object or null, it is {record!r:.80}. "
+                              "Copy the checkpoint again, or fit it anew with calibrate.py.")
+    for key, (low, high) in CALIBRATION_LIMITS.items():
+        value = record.get(key, 1.0 if key == "temperature" else 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:  # NaN fails too
+            raise CheckpointError(f"{info_path} is damaged: 'calibration.{key}' must be a number from {low:g} to {high:g}, "
+                                  f"it is {value!r:.80}. Copy the checkpoint again, or fit it anew with calibrate.py.")
 
 
 # what every checkpoint.json holds, checked on reading, so a damaged file is named at once and not met as a KeyError

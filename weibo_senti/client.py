@@ -6,10 +6,15 @@
 
 It reads the server's limits from GET /api/models, splits any number of texts into requests that fit them (count and
 bytes), asks for per-text errors so one bad text costs only itself, and retries what is safe to retry (scoring changes
-nothing on the server): 503 after its Retry-After, 504, and a request whose connection was dropped under it.
+nothing on the server): 503 after its Retry-After, 504, and a request whose connection was dropped under it. What the
+server answers is checked, not trusted: one well-formed result per text sent, in order, else those texts get a named
+error; an answer that is not the API's JSON is a BadAnswer. Every call ends within deadline_s, retries included.
 """
+import email.utils
 import json
+import math
 import time
+from contextlib import contextmanager
 
 import httpx
 
@@ -21,6 +26,10 @@ class ServiceUnavailable(RuntimeError):
     """The server could not be reached, or kept answering 503/504, after every retry."""
 
 
+class BadAnswer(RuntimeError):
+    """The server answered something that is not this API's JSON (an HTML error page, a proxy's answer, a truncation)."""
+
+
 class RequestRejected(RuntimeError):
     """The server refused a request for a reason retrying cannot fix (4xx): its error kind and detail."""
 
@@ -30,11 +39,16 @@ class RequestRejected(RuntimeError):
 
 
 class SentimentClient:
-    def __init__(self, url="http://127.0.0.1:8000", model=None, clean=False, timeout_s=300.0, retries=5, max_retry_wait_s=30.0):
+    """timeout_s: to wait for a connection (connect_timeout_s) and then for each answer; deadline_s: the most one call
+    (models(), score()) takes, its retries and waits included (None: no bound beyond the retries)."""
+
+    def __init__(self, url="http://127.0.0.1:8000", model=None, clean=False, timeout_s=300.0, retries=5, max_retry_wait_s=30.0,
+                 connect_timeout_s=10.0, deadline_s=None):
         self.url, self.model, self.clean = url.rstrip("/"), model, clean
-        self.retries, self.max_retry_wait_s = retries, max_retry_wait_s
-        self.http = httpx.Client(base_url=self.url, timeout=timeout_s)
+        self.retries, self.max_retry_wait_s, self.deadline_s = retries, max_retry_wait_s, deadline_s
+        self.http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s))
         self._limits = None
+        self._ends_at = None
 
     def __enter__(self):
         return self
@@ -47,25 +61,55 @@ class SentimentClient:
 
     def models(self):
         """GET /api/models: the served classifiers (name, model_id, validation scores) and the server's limits."""
-        return self._call("GET", "/api/models")
+        with self._deadline():
+            answer = self._call("GET", "/api/models")
+        if not isinstance(answer.get("models"), list) or not isinstance(answer.get("limits"), dict):
+            raise BadAnswer(f"{self.url}/api/models: the answer lacks 'models' or 'limits': {json.dumps(answer)[:200]}")
+        return answer
 
     @property
     def limits(self):
         if self._limits is None:
-            self._limits = self.models()["limits"]
+            limits = self.models()["limits"]
+            for key in ("max_texts_per_request", "max_body_bytes"):
+                if isinstance(limits.get(key), bool) or not isinstance(limits.get(key), int) or limits[key] < 1:
+                    raise BadAnswer(f"{self.url}/api/models: limits.{key} is {limits.get(key)!r}, not a positive integer")
+            self._limits = limits
         return self._limits
 
     def score(self, texts):
         """One result per text, in order: {label, sentiment, confidence, prob_positive}, or {error} for a text that
-        cannot be scored (empty, not text, too long)."""
+        cannot be scored (empty, not text, too long) or whose answer was missing or malformed."""
         results = []
-        for batch in self._batches(list(texts)):
-            if isinstance(batch, dict):  # a text too large for any request
-                results.append(batch)
-                continue
-            body = {"texts": batch, "model": self.model, "clean": self.clean, "per_text_errors": True}
-            results.extend(self._call("POST", "/api/sentiment", json=body)["results"])
+        with self._deadline():
+            for batch in self._batches(list(texts)):
+                if isinstance(batch, dict):  # a text too large for any request
+                    results.append(batch)
+                    continue
+                body = {"texts": batch, "model": self.model, "clean": self.clean, "per_text_errors": True}
+                results.extend(self._checked(self._call("POST", "/api/sentiment", json=body), len(batch)))
         return results
+
+    def _checked(self, answer, sent):
+        """The answer's results if it holds one well-formed result per text sent; else an error for each text."""
+        results = answer.get("results")
+        if not isinstance(results, list) or len(results) != sent:
+            count = len(results) if isinstance(results, list) else "no"
+            return [{"error": f"the server answered {count} results for {sent} texts: none of them is trusted"}] * sent
+        return [one if _well_formed(one) else {"error": f"the server's result is malformed: {json.dumps(one)[:120]}"}
+                for one in results]
+
+    @contextmanager
+    def _deadline(self):
+        """The deadline of the outermost call in progress (score() calls models() for the limits: one deadline)."""
+        owner = self._ends_at is None and self.deadline_s is not None
+        if owner:
+            self._ends_at = time.monotonic() + self.deadline_s
+        try:
+            yield
+        finally:
+            if owner:
+                self._ends_at = None
 
     def _batches(self, texts):
         """Requests within MAX_TEXTS_PER_REQUEST and MAX_BODY_BYTES; a text over the byte limit alone is its own error."""
@@ -90,30 +134,69 @@ class SentimentClient:
     def _call(self, method, path, **kwargs):
         problem, wait = None, 0.0
         for attempt in range(self.retries + 1):
+            left = None if self._ends_at is None else self._ends_at - time.monotonic() - wait
+            if left is not None and left <= 0:
+                raise ServiceUnavailable(f"{self.url}{path}: no answer within the deadline of {self.deadline_s:g} s; last: {problem}")
             time.sleep(wait)
+            timeout = httpx.USE_CLIENT_DEFAULT if left is None else _shortened(self.http.timeout, left)
             try:
-                response = self.http.request(method, path, **kwargs)
-            except httpx.TransportError as error:  # refused, or dropped under the request (a restart, a keep-alive race)
+                response = self.http.request(method, path, timeout=timeout, **kwargs)
+            except httpx.TransportError as error:  # refused, timed out, or dropped under the request (a restart)
                 problem, wait = f"{type(error).__name__}: {error}", min(2.0 ** attempt, self.max_retry_wait_s)
                 continue
             if response.status_code in RETRIED_STATUSES:
                 problem = f"{response.status_code}: {_detail(response)}"
-                wait = min(float(response.headers.get("retry-after", 2.0 ** attempt)), self.max_retry_wait_s)
+                wait = min(retry_after_s(response.headers.get("retry-after"), 2.0 ** attempt), self.max_retry_wait_s)
                 continue
             if response.status_code >= 400:
-                answer = _json(response)
-                raise RequestRejected(response.status_code, answer.get("error", "http_error"), answer.get("detail", response.text))
-            return response.json()
+                answer = _json(response) or {}
+                raise RequestRejected(response.status_code, answer.get("error", "http_error"), answer.get("detail", response.text[:200]))
+            answer = _json(response)
+            if answer is None:
+                raise BadAnswer(f"{self.url}{path}: answered {response.status_code} with "
+                                f"{response.headers.get('content-type', 'no content type')}, not JSON: {response.text[:120]!r}")
+            return answer
         raise ServiceUnavailable(f"{self.url}{path}: no answer after {self.retries + 1} tries; last: {problem}")
 
 
+def retry_after_s(value, otherwise):
+    """Retry-After (RFC 9110): seconds, or an HTTP date; anything else (negative, nan, garbage) is ignored."""
+    if value is None:
+        return otherwise
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, IndexError):
+            return otherwise
+        return max(0.0, seconds)
+    return seconds if math.isfinite(seconds) and seconds >= 0 else otherwise
+
+
+def _shortened(timeout, left):
+    parts = {name: min(getattr(timeout, name) or left, left) for name in ("connect", "read", "write", "pool")}
+    return httpx.Timeout(**parts)
+
+
+def _well_formed(result):
+    if not isinstance(result, dict):
+        return False
+    if "error" in result:
+        return isinstance(result["error"], str)
+    numbers = [result.get(key) for key in ("confidence", "prob_positive")]
+    return (result.get("label") in (0, 1) and not isinstance(result.get("label"), bool)
+            and all(isinstance(n, (int, float)) and not isinstance(n, bool) and 0 <= n <= 1 for n in numbers))
+
+
 def _json(response):
+    """The answer's JSON object, or None when it is not one."""
     try:
         answer = response.json()
     except ValueError:
-        return {}
-    return answer if isinstance(answer, dict) else {}
+        return None
+    return answer if isinstance(answer, dict) else None
 
 
 def _detail(response):
-    return _json(response).get("detail", response.text[:200])
+    return (_json(response) or {}).get("detail", response.text[:200])

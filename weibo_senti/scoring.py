@@ -244,10 +244,41 @@ def where_clause(where):
 
     if not where:
         return sa.true()
-    outside_quotes = "".join(part for i, part in enumerate(where.split("'")) if i % 2 == 0)
-    if ";" in outside_quotes:
-        raise DataError(f"--where \"{where}\": one condition, not several statements (it holds a ';' outside quotes)")
+    problem = condition_problem(where)
+    if problem:
+        raise DataError(f"--where \"{where}\": one condition is expected; {problem}")
     return sa.text(f"({where}\n)")
+
+
+def condition_problem(where):
+    """Why `where` is not one balanced condition that stays inside its brackets, or None. Quoted strings and identifiers
+    are skipped; outside them a ';', a comment or a bracket closed before it opened could end the bracket it is put in."""
+    if "\\" in where:
+        return "a backslash reads differently in each database's strings: write the condition without one"
+    depth, quote = 0, None
+    for position, char in enumerate(where):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"`":
+            quote = char
+        elif char == ";":
+            return f"a ';' outside quotes at character {position + 1} would start a second statement"
+        elif where.startswith("--", position) and not any(c in where[position:] for c in "\n\r()'\"`;#"):
+            break  # a trailing comment: it ends at the line break that closes the bracket, and hides nothing
+        elif where.startswith(("--", "/*", "#"), position):
+            return (f"the comment or operator {where[position:position + 2].strip()!r} at character {position + 1} could "
+                    "hide a bracket: only a trailing '-- comment' without brackets or quotes is kept")
+        elif char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth < 0:
+                return f"the ')' at character {position + 1} closes a bracket that was never opened"
+    if quote:
+        return f"a {quote} is never closed"
+    if depth:
+        return f"{depth} '(' never closed"
+    return None
 
 
 def database_message(error):

@@ -1,0 +1,176 @@
+"""Issue 44: nothing read from disk or the network is trusted. Damaged calibration, escaping filters, lying servers."""
+import http.server
+import json
+import math
+import shutil
+import threading
+import time
+
+import pytest
+
+from conftest import run_script
+from weibo_senti import REPO_ROOT
+from weibo_senti.bettafish import WeiboSentimentAnalyzer
+from weibo_senti.checkpoint import CheckpointError, read_info
+from weibo_senti.client import BadAnswer, SentimentClient
+
+PREDICT = REPO_ROOT / "adapter_tuning" / "predict.py"
+
+
+def _with_calibration(trained, tmp_path, calibration):
+    folder = tmp_path / "damaged"
+    shutil.copytree(trained("adapter_tuning")[0] / "best", folder)
+    info = json.loads((folder / "checkpoint.json").read_text())
+    info["calibration"] = calibration
+    (folder / "checkpoint.json").write_text(json.dumps(info))  # json writes NaN and Infinity as Python reads them back
+    return folder
+
+
+DAMAGED_CALIBRATIONS = [
+    ({"temperature": -1.0, "bias": 0.0}, "calibration.temperature"),
+    ({"temperature": 0.0, "bias": 0.0}, "calibration.temperature"),
+    ({"temperature": math.nan, "bias": 0.0}, "calibration.temperature"),
+    ({"temperature": math.inf, "bias": 0.0}, "calibration.temperature"),
+    ({"temperature": "1.0", "bias": 0.0}, "calibration.temperature"),
+    ({"temperature": [1.0], "bias": 0.0}, "calibration.temperature"),
+    ({"temperature": 1.0, "bias": math.nan}, "calibration.bias"),
+    ({"temperature": 1.0, "bias": 1e308}, "calibration.bias"),
+    ({"temperature": 1.0, "bias": True}, "calibration.bias"),
+    ("1.5", "'calibration'"),
+    ([1.0, 0.0], "'calibration'"),
+]
+
+
+@pytest.mark.parametrize("calibration, field", DAMAGED_CALIBRATIONS, ids=[repr(c) for c, _ in DAMAGED_CALIBRATIONS])
+def test_a_damaged_calibration_is_named_on_reading(trained, tmp_path, calibration, field):
+    folder = _with_calibration(trained, tmp_path, calibration)
+    with pytest.raises(CheckpointError, match="is damaged") as error:
+        read_info(folder)
+    assert field in str(error.value) and "checkpoint.json" in str(error.value)
+
+
+@pytest.mark.parametrize("calibration", [None, {}, {"temperature": 1.3}, {"temperature": 0.7, "bias": -0.4}])
+def test_a_missing_null_or_partial_calibration_is_read_as_none_for_what_is_missing(trained, tmp_path, calibration):
+    read_info(_with_calibration(trained, tmp_path, calibration))
+
+
+def test_predict_with_a_label_flipping_temperature_is_refused_in_one_line(trained, tmp_path):
+    folder = _with_calibration(trained, tmp_path, {"temperature": -1.0, "bias": 0.0})
+    result = run_script(PREDICT, "--checkpoint", folder, "--text", "又加班到半夜，心好累")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "calibration.temperature" in result.stderr and "-1.0" in result.stderr and not result.stdout.strip()
+
+
+# a fake serve.py that lies or stalls: GET /api/models answers like the real one; POST /api/sentiment as a test scripts
+class FakeServer:
+    LIMITS = {"max_texts_per_request": 100, "max_body_bytes": 1_000_000}
+
+    def __init__(self):
+        self.sentiment = lambda texts: (200, {}, {"results": [_good() for _ in texts]})
+        self.models_answer = lambda: (200, {}, {"models": [{"name": "m", "model_id": "m@1", "default": True}], "limits": self.LIMITS})
+        self.calls = 0
+        self.stall = threading.Event()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                self._answer(*server.models_answer())
+
+            def do_POST(self):
+                server.calls += 1
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                self._answer(*server.sentiment(body["texts"]))
+
+            def _answer(self, status, headers, body):
+                if body is STALL:
+                    server.stall.wait(30)
+                    return
+                payload = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+                self.send_response(status)
+                for name, value in {"content-type": "application/json", **headers}.items():
+                    self.send_header(name, value)
+                self.send_header("content-length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.stall.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+STALL = object()
+
+
+def _good(label=1):
+    return {"label": label, "sentiment": "正面情感", "confidence": 0.9, "prob_positive": 0.9}
+
+
+@pytest.fixture
+def fake_server():
+    server = FakeServer()
+    yield server
+    server.close()
+
+
+TEXTS = ["今天真开心", "又加班到半夜，心好累", "还行吧"]
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_a_wrong_count_of_results_fails_those_texts_and_no_post_disappears(fake_server, count):
+    fake_server.sentiment = lambda texts: (200, {}, {"results": [_good() for _ in range(count)]})
+    with SentimentClient(fake_server.url, retries=0) as client:
+        results = client.score(TEXTS)
+    assert len(results) == 3 and all(f"answered {count} results for 3 texts" in r["error"] for r in results)
+    analyzer = WeiboSentimentAnalyzer(url=fake_server.url, retries=0)
+    assert analyzer.initialize()
+    summary = analyzer.analyze_query_results([{"content": t} for t in TEXTS])["sentiment_analysis"]
+    assert summary["success_rate"] == "0/3" and summary["total_analyzed"] == 0
+
+
+@pytest.mark.parametrize("bad", [{"label": 1, "confidence": 0.9}, {"label": "x", "confidence": 0.9, "prob_positive": 0.9},
+                                 {"label": 1, "confidence": None, "prob_positive": 0.9}, "正面", None, {"error": 3}])
+def test_a_malformed_result_fails_its_text_only_and_the_analyzer_does_not_raise(fake_server, bad):
+    fake_server.sentiment = lambda texts: (200, {}, {"results": [_good(), bad, _good(0)]})
+    analyzer = WeiboSentimentAnalyzer(url=fake_server.url, retries=0)
+    assert analyzer.initialize()
+    batch = analyzer.analyze_batch(TEXTS, show_progress=False)
+    assert [r.success for r in batch.results] == [True, False, True]
+    assert "malformed" in batch.results[1].error_message and batch.results[2].sentiment_label == "负面"
+
+
+def test_an_html_answer_is_a_named_error_and_the_analyzer_passes_the_texts_through(fake_server):
+    fake_server.sentiment = lambda texts: (200, {"content-type": "text/html"}, "<html>502 Bad Gateway</html>")
+    with SentimentClient(fake_server.url, retries=0) as client, pytest.raises(BadAnswer, match="not JSON"):
+        client.score(TEXTS)
+    analyzer = WeiboSentimentAnalyzer(url=fake_server.url, retries=0)
+    assert analyzer.initialize()
+    batch = analyzer.analyze_batch(TEXTS, show_progress=False)
+    assert not batch.analysis_performed and "BadAnswer" in batch.results[0].error_message
+    fake_server.models_answer = lambda: (200, {"content-type": "text/html"}, "<html>login</html>")
+    assert not WeiboSentimentAnalyzer(url=fake_server.url, retries=0).initialize()
+
+
+@pytest.mark.parametrize("retry_after", ["Wed, 21 Oct 2015 07:28:00 GMT", "-1", "nan", "soon"])
+def test_any_retry_after_is_waited_on_or_ignored_never_a_crash(fake_server, retry_after):
+    answers = iter([(503, {"retry-after": retry_after}, {"error": "busy", "detail": "queue full"})])
+    fake_server.sentiment = lambda texts: next(answers, (200, {}, {"results": [_good() for _ in texts]}))
+    with SentimentClient(fake_server.url, retries=1, max_retry_wait_s=0.5) as client:
+        assert [r["label"] for r in client.score(TEXTS)] == [1, 1, 1]
+    assert fake_server.calls == 2
+
+
+def test_a_server_that_never_answers_is_given_up_on_by_the_deadline(fake_server):
+    fake_server.models_answer = lambda: (200, {}, STALL)
+    began = time.monotonic()
+    analyzer = WeiboSentimentAnalyzer(url=fake_server.url, retries=3, timeout_s=1.0, deadline_s=2.5)
+    assert not analyzer.initialize() and "deadline" in analyzer.disable_reason
+    assert time.monotonic() - began < 6
