@@ -6,13 +6,18 @@ import shutil
 import threading
 import time
 
-import pytest
+from pathlib import Path
 
-from conftest import run_script
-from weibo_senti import REPO_ROOT
+import numpy as np
+import pytest
+from safetensors.torch import load_file, save_file
+
+from conftest import read_only, run_script
+from weibo_senti import REPO_ROOT, onnx_backend
 from weibo_senti.bettafish import WeiboSentimentAnalyzer
 from weibo_senti.checkpoint import CheckpointError, read_info
 from weibo_senti.client import BadAnswer, SentimentClient
+from weibo_senti.predict import Classifier
 
 PREDICT = REPO_ROOT / "adapter_tuning" / "predict.py"
 
@@ -174,3 +179,83 @@ def test_a_server_that_never_answers_is_given_up_on_by_the_deadline(fake_server)
     analyzer = WeiboSentimentAnalyzer(url=fake_server.url, retries=3, timeout_s=1.0, deadline_s=2.5)
     assert not analyzer.initialize() and "deadline" in analyzer.disable_reason
     assert time.monotonic() - began < 6
+
+
+# the ONNX export cache: what it records is checked at load; a stale, tampered or damaged export is made again
+@pytest.fixture
+def exported(trained, tmp_path):
+    """A copy of the tiny adapter checkpoint on its own copy of the base model, exported once."""
+    base = shutil.copytree(Path(read_info(trained("adapter_tuning")[0] / "best")["base_model_path"]), tmp_path / "base")
+    folder = shutil.copytree(trained("adapter_tuning")[0] / "best", tmp_path / "checkpoint", ignore=shutil.ignore_patterns("onnx"))
+    info = json.loads((folder / "checkpoint.json").read_text())
+    (folder / "checkpoint.json").write_text(json.dumps({**info, "base_model_path": str(base), "base_model": str(base)}))
+    Classifier.load(folder, backend="onnx")
+    return folder, base, onnx_backend.cache_folder(folder)
+
+
+def _garbage(path):
+    path.write_bytes(b"\x00garbage" * 10)
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _append_neg_node(path):
+    import onnx
+
+    graph = onnx.load(str(path))
+    graph.graph.node.append(onnx.helper.make_node("Neg", ["logits"], ["negated"]))
+    graph.graph.output[0].name = "negated"
+    onnx.save(graph, str(path))
+
+
+DAMAGES = {
+    "model.onnx garbage": lambda cache: _garbage(cache / "model.onnx"),
+    "model.onnx truncated": lambda cache: _truncate(cache / "model.onnx"),
+    "model.onnx missing": lambda cache: (cache / "model.onnx").unlink(),
+    "model.onnx with a Neg appended": lambda cache: _append_neg_node(cache / "model.onnx"),
+    "model.int8.onnx garbage": lambda cache: _garbage(cache / "model.int8.onnx"),
+    "export.json not JSON": lambda cache: (cache / "export.json").write_text("{not json"),
+    "export.json empty object": lambda cache: (cache / "export.json").write_text("{}"),
+    "export.json a bad margin": lambda cache: (cache / "export.json").write_text(json.dumps(
+        {**json.loads((cache / "export.json").read_text()), "int8": {"recheck_margin": "x"}})),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_or_tampered_export_is_made_again_and_scores_as_pytorch(exported, damage, capsys):
+    folder, _, cache = exported
+    DAMAGES[damage](cache)
+    capsys.readouterr()
+    for backend in ("onnx", "onnx-int8"):
+        onnx_run = Classifier.load(folder, backend=backend)
+        said = capsys.readouterr().err
+        if backend == "onnx":
+            assert "exporting it again" in said and str(cache) in said
+        assert onnx_run.onnx.path.parent == cache
+        reference = Classifier.load(folder, backend="torch", mixed_precision="no").probabilities(TEXTS)
+        assert np.array_equal(onnx_run.probabilities(TEXTS).argmax(1), reference.argmax(1))
+
+
+def test_an_export_of_base_weights_changed_in_place_is_made_again(exported, capsys):
+    folder, base, cache = exported
+    weights = next(base.glob("*.safetensors"))
+    tensors = load_file(weights)
+    save_file({name: -tensor if tensor.is_floating_point() else tensor for name, tensor in tensors.items()}, weights,
+              metadata={"format": "pt"})
+    capsys.readouterr()
+    onnx_run = Classifier.load(folder, backend="onnx")
+    assert "other base-model weights" in capsys.readouterr().err
+    reference = Classifier.load(folder, backend="torch", mixed_precision="no").probabilities(TEXTS)
+    np.testing.assert_allclose(onnx_run.probabilities(TEXTS), reference, atol=1e-4)
+
+
+def test_a_sound_export_inside_a_read_only_checkpoint_is_used_not_redone(exported, tmp_path, monkeypatch, capsys):
+    folder, _, cache = exported
+    monkeypatch.setenv(onnx_backend.CACHE_ENV_VAR, str(tmp_path / "elsewhere"))
+    with read_only(folder):
+        capsys.readouterr()
+        onnx_run = Classifier.load(folder, backend="onnx")
+        assert "exporting" not in capsys.readouterr().err and onnx_run.onnx.path.parent == cache
+    assert not (tmp_path / "elsewhere").exists()

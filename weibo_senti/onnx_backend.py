@@ -13,6 +13,7 @@ The int8 path keeps fp32's labels by three means, each measured in docs/results.
 optimum's exporter is not used: its ONNX exporter (optimum-onnx) requires transformers < 4.58, and this toolkit runs on 5.x.
 """
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -27,7 +28,8 @@ import torch
 from filelock import FileLock
 
 from . import UserError
-from .checkpoint import CheckpointError, atomic_directory, find_checkpoint, model_name, write_json_atomic
+from .checkpoint import (CheckpointError, atomic_directory, base_model_of, find_checkpoint, model_name, read_info,
+                         write_json_atomic)
 from .models import cpu_flags, cpu_kind
 from .predict import BACKENDS
 
@@ -37,7 +39,7 @@ CHECK_TEXTS = 500  # the validation texts after them, tags removed, on which eve
 CALIBRATION_TEXTS = 256  # training texts, tags removed, whose activation peaks find the outlier channels
 OUTLIER_FACTOR = 3.0  # an input channel peaking above this many times the median channel's peak stays in fp32
 RECHECK_FACTOR = 1.5  # the second look's margin, in largest changes of P(positive) seen on the probe texts (1 kept every label on 1,000 others)
-EXPORT_FORMAT = 2  # in the cache folder's name: 2 = outlier channels, 7-bit weights and the second look (1 had none)
+EXPORT_FORMAT = 3  # in the cache folder's name: 2 = outlier channels, 7-bit weights and the second look (1 had none); 3 = with the digests of its files and of the base's weights
 OPSET = 17
 FP32_FILE, INT8_FILE, RECORD_FILE = "model.onnx", "model.int8.onnx", "export.json"
 CACHE_ENV_VAR = "WEIBO_SENTI_ONNX_CACHE"  # where exports go when the checkpoint's folder cannot be written
@@ -45,11 +47,13 @@ CACHE_ENV_VAR = "WEIBO_SENTI_ONNX_CACHE"  # where exports go when the checkpoint
 
 def cache_folder(checkpoint):
     """<checkpoint>/onnx/<method@digest>/, or under $WEIBO_SENTI_ONNX_CACHE (default ~/.cache/weibo_senti/onnx) when the
-    checkpoint's folder is read-only. The name holds the digest of the weights, so a retrained checkpoint exports anew (a recalibrated one does not)."""
+    checkpoint's folder is read-only and holds no sound export already. The name holds the digest of the weights, so a
+    retrained checkpoint exports anew (a recalibrated one does not)."""
     folder = find_checkpoint(Path(checkpoint))
     name = model_name(folder, graph_only=True).replace("@", "-") + f"-export{EXPORT_FORMAT}"
-    if os.access(folder, os.W_OK):
-        return folder / "onnx" / name
+    inside = folder / "onnx" / name
+    if os.access(folder, os.W_OK) or export_problem(inside, folder) is None:
+        return inside
     return Path(os.environ.get(CACHE_ENV_VAR, Path.home() / ".cache" / "weibo_senti" / "onnx")) / name
 
 
@@ -187,11 +191,60 @@ def recheck_margin(int8_alone):
 def ensure_exported(classifier, checkpoint):
     """(cache folder, its export.json record) of `checkpoint`, exported and measured on this CPU on first use (a minute
     or two for e5-small on 2 cores); a lock makes concurrent processes (Spark's workers, several servers) wait for one
-    export instead of repeating it."""
+    export instead of repeating it. An export that no longer matches what it records (its graph files changed, damaged
+    or missing, the base model's weights changed in place, export.json unreadable) is treated as absent: made again."""
     folder = cache_folder(checkpoint)
-    if not (folder / RECORD_FILE).is_file():
+    problem = export_problem(folder, checkpoint)
+    if problem:
+        if folder.exists():
+            print(f"note: the ONNX export in {folder} {problem}: exporting it again", file=sys.stderr)
         _export_once(classifier, checkpoint, folder)
     return folder, json.loads((folder / RECORD_FILE).read_text(encoding="utf-8"))
+
+
+def export_problem(folder, checkpoint):
+    """Why the export in `folder` cannot be used for `checkpoint`, or None. Each file's digest is computed once per
+    process (again only if its size or modification time changes)."""
+    try:
+        record = json.loads((folder / RECORD_FILE).read_text(encoding="utf-8"))
+        files, margin = record["files"], record["int8"]["recheck_margin"]
+        if not isinstance(margin, (int, float)) or not 0 <= margin <= 0.5:
+            return f"records a second-look margin of {margin!r}"
+    except FileNotFoundError:
+        return "is not there" if folder.exists() else "is missing"
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"has a damaged {RECORD_FILE} ({type(error).__name__}: {str(error)[:80]})"
+    for name in (FP32_FILE, INT8_FILE):
+        if not (folder / name).is_file():
+            return f"lacks {name}"
+        if file_digest(folder / name) != files.get(name):
+            return f"has a {name} other than the one exported (changed or damaged)"
+    if base_weights_digest(checkpoint) != record.get("base_weights"):
+        return "was made from other base-model weights than the ones now in the base model's folder"
+    return None
+
+
+_DIGESTS = {}
+
+
+def file_digest(path):
+    """sha256 of a file, remembered for this process while its size and modification time stay the same."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
+
+
+def base_weights_digest(checkpoint):
+    """One digest of the weight files of the base model `checkpoint` is loaded on: an export holds those weights too."""
+    folder = base_model_of(read_info(find_checkpoint(Path(checkpoint))))
+    files = sorted([*folder.glob("*.safetensors"), *folder.glob("*.bin")])
+    return hashlib.sha256("".join(f"{path.name}:{file_digest(path)}\n" for path in files).encode()).hexdigest()
 
 
 def measured_here(classifier, checkpoint):
@@ -230,7 +283,7 @@ def _export_once(classifier, checkpoint, folder):
         raise CheckpointError(f"cannot write the ONNX export of {checkpoint} to {folder.parent}: {error.strerror or error}; "
                               f"set {CACHE_ENV_VAR} to a writable folder, or use --backend torch") from None
     with FileLock(str(folder) + ".lock"):
-        if (folder / RECORD_FILE).is_file():
+        if not export_problem(folder, checkpoint):
             return  # another process exported it while this one waited
         print(f"exporting {classifier.source} to ONNX (once; cached in {folder})", file=sys.stderr)
         with atomic_directory(folder) as tmp:
@@ -252,6 +305,8 @@ def _export_once(classifier, checkpoint, folder):
                 "int8": {"outlier_channels": outlier_channels, "outlier_factor": OUTLIER_FACTOR, "weights": "7-bit, per channel",
                          "recheck_margin": margin, "without_recheck_on_probe_texts": {"texts": len(probe), **int8_alone}},
                 "measured": {cpu_kind(): _measured(classifier, tmp, margin, check)},
+                "files": {name: file_digest(tmp / name) for name in (FP32_FILE, INT8_FILE)},
+                "base_weights": base_weights_digest(checkpoint),
             }
             (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
 
