@@ -70,9 +70,10 @@ def classifier(trained):
     return Classifier.load(trained("adapter_tuning")[0] / "best")
 
 
-def run_script(path, *args, stdin=None, cwd=REPO_ROOT):
+def run_script(path, *args, stdin=None, cwd=REPO_ROOT, env_extra=None):
     return subprocess.run(
         [sys.executable, str(path), *map(str, args)], input=stdin, capture_output=True, text=True, cwd=cwd, timeout=300,
+        env={**os.environ, **(env_extra or {})},
     )
 
 

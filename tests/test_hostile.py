@@ -3,6 +3,7 @@ import http.server
 import json
 import math
 import shutil
+import subprocess
 import threading
 import time
 
@@ -15,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from conftest import read_only, run_script
 from weibo_senti import REPO_ROOT, onnx_backend
 from weibo_senti.bettafish import WeiboSentimentAnalyzer
-from weibo_senti.checkpoint import CheckpointError, read_info
+from weibo_senti.checkpoint import CheckpointError, atomic_file, read_info
 from weibo_senti.client import BadAnswer, SentimentClient
 from weibo_senti.predict import Classifier
 
@@ -259,3 +260,40 @@ def test_a_sound_export_inside_a_read_only_checkpoint_is_used_not_redone(exporte
         onnx_run = Classifier.load(folder, backend="onnx")
         assert "exporting" not in capsys.readouterr().err and onnx_run.onnx.path.parent == cache
     assert not (tmp_path / "elsewhere").exists()
+
+
+# read-only and full disks
+def test_onnx_with_a_read_only_checkpoint_and_a_read_only_cache_is_one_line(trained, tmp_path, read_only_dir):
+    folder = shutil.copytree(trained("adapter_tuning")[0] / "best", tmp_path / "checkpoint", ignore=shutil.ignore_patterns("onnx"))
+    with read_only(folder):
+        result = run_script(PREDICT, "--checkpoint", folder, "--backend", "onnx", "--text", "今天好开心",
+                            env_extra={onnx_backend.CACHE_ENV_VAR: str(read_only_dir / "cache")})
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "cannot write the ONNX export" in result.stderr and onnx_backend.CACHE_ENV_VAR in result.stderr
+
+
+def test_score_py_into_a_read_only_folder_is_one_line_and_writes_nothing(trained, tmp_path, read_only_dir):
+    posts = tmp_path / "posts.csv"
+    posts.write_text("id,text\n1,今天好开心\n2,心好累\n", encoding="utf-8")
+    result = run_script(REPO_ROOT / "score.py", "--input", posts, "--output", read_only_dir / "scored.csv",
+                        "--checkpoint", trained("adapter_tuning")[0] / "best")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "cannot be written" in result.stderr and not list(read_only_dir.iterdir())
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB tmpfs: a disk that fills (root only; skipped where it cannot be mounted)."""
+    folder = tmp_path / "full"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_full_disk_leaves_no_temporary_file_behind(full_disk):
+    with pytest.raises(OSError, match="No space left"):
+        with atomic_file(full_disk / "out.json") as handle:
+            handle.write("x" * 1_000_000)
+    assert not list(full_disk.iterdir())

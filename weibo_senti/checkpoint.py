@@ -102,8 +102,12 @@ def atomic_file(path, **options):
             tmp.flush()
             os.fsync(tmp.fileno())
         except BaseException:
-            tmp.close()
-            os.unlink(tmp.name)
+            try:
+                tmp.close()  # on a full disk, closing flushes and fails again: the file goes all the same
+            except OSError:
+                pass
+            finally:
+                os.unlink(tmp.name)
             raise
     os.chmod(tmp.name, 0o666 & ~_UMASK)
     os.replace(tmp.name, path)

@@ -21,6 +21,7 @@ import os
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -276,13 +277,24 @@ def _with_measurement(classifier, folder, kind):
     return record
 
 
-def _export_once(classifier, checkpoint, folder):
+@contextmanager
+def _export_lock(checkpoint, folder):
+    """The lock on `folder`'s export; a place where it cannot be made is one line naming the way out."""
+    lock = FileLock(str(folder) + ".lock")
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
     except OSError as error:
         raise CheckpointError(f"cannot write the ONNX export of {checkpoint} to {folder.parent}: {error.strerror or error}; "
                               f"set {CACHE_ENV_VAR} to a writable folder, or use --backend torch") from None
-    with FileLock(str(folder) + ".lock"):
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _export_once(classifier, checkpoint, folder):
+    with _export_lock(checkpoint, folder):
         if not export_problem(folder, checkpoint):
             return  # another process exported it while this one waited
         print(f"exporting {classifier.source} to ONNX (once; cached in {folder})", file=sys.stderr)

@@ -577,6 +577,9 @@ class CsvSink(_IdsInMemory):
         self.path, self.bad_path = Path(path), Path(path).with_suffix(".bad.csv")
         if not self.path.parent.is_dir():
             raise DataError(f"--output {path}: the folder {self.path.parent} does not exist")
+        if not os.access(self.path.parent, os.W_OK):  # its lock file and appended rows are written there
+            raise DataError(f"--output {path}: the folder {self.path.parent} cannot be written (read-only, or not yours); "
+                            "nothing was written")
         self.seen = {}
         self.name, self.lock_path = str(path), f"{path}.lock"
         for file, columns in ((self.path, RESULT_COLUMNS), (self.bad_path, BAD_COLUMNS)):
