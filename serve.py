@@ -24,6 +24,7 @@ BATCH_TOKENS = 0  # > 0: a forward pass takes as many length-sorted texts as fit
 MAX_WAIT_MS = 5.0  # how long a model call waits for more texts to fill its batch
 MAX_QUEUE = 4096  # most texts waiting for the model; beyond it requests get 503 with Retry-After (on a GPU, when not given: 65536)
 REQUEST_TIMEOUT_S = 30.0  # a request not answered within this gets 504
+REQUEST_READ_TIMEOUT_S = 30.0  # a client that takes longer to send a request's headers and body is disconnected
 MAX_TEXTS_PER_REQUEST = 256  # more texts in one request: 413
 MAX_TEXT_CHARS = 5000  # a longer text: 422 (the model reads its first 512 tokens at most)
 MAX_BODY_BYTES = 1_000_000  # a larger request body: 413

@@ -3,17 +3,18 @@ import http.server
 import json
 import math
 import shutil
+import socket
 import subprocess
 import threading
 import time
-
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
-from conftest import read_only, run_script
+from conftest import Server, read_only, run_script
 from weibo_senti import REPO_ROOT, onnx_backend
 from weibo_senti.bettafish import WeiboSentimentAnalyzer
 from weibo_senti.checkpoint import CheckpointError, atomic_file, read_info
@@ -297,3 +298,33 @@ def test_a_full_disk_leaves_no_temporary_file_behind(full_disk):
         with atomic_file(full_disk / "out.json") as handle:
             handle.write("x" * 1_000_000)
     assert not list(full_disk.iterdir())
+
+
+def test_slow_clients_are_disconnected_and_the_server_keeps_answering(trained):
+    server = Server("--checkpoint", trained("adapter_tuning")[0] / "best", "--backend", "torch", "--request-read-timeout-s", "2")
+    try:
+        slow = []
+        for i in range(20):
+            connection = socket.create_connection(("127.0.0.1", server.port))
+            connection.sendall(b"POST /api/sentiment HTTP/1.1\r\nHost: x\r\n" if i % 2 else b"P")
+            slow.append(connection)
+        began = time.monotonic()
+        open_ones = list(slow)
+        while open_ones and time.monotonic() - began < 8:
+            for connection in list(open_ones):
+                try:
+                    connection.sendall(b"X")  # a byte every half second: never a whole request
+                except OSError:
+                    open_ones.remove(connection)
+            time.sleep(0.5)
+        assert not open_ones, f"{len(open_ones)} of 20 slow connections still open after {time.monotonic() - began:.0f} s"
+        assert server.post({"texts": ["今天好开心"]}).status_code == 200
+        # a request sent in full within the bound, on a connection opened earlier, is answered
+        with httpx.Client(base_url=server.url) as client:
+            assert client.post("/api/sentiment", json={"texts": ["心好累"]}).status_code == 200
+            time.sleep(1)
+            assert client.post("/api/sentiment", json={"texts": ["还行"]}).status_code == 200
+    finally:
+        for connection in slow:
+            connection.close()
+        assert server.stop() == 0

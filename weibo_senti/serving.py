@@ -607,9 +607,49 @@ SETTING_RANGES = {
         "max_texts_per_request", "max_text_chars", "max_body_bytes", "max_batch_size", "forward_batch_size", "max_queue")},
     "max_wait_ms": (_at_least(0), "a number >= 0"),
     "batch_tokens": (_at_least(0), "an integer >= 0 (0: FORWARD_BATCH_SIZE texts a forward pass)"),
-    "request_timeout_s": (lambda v: math.isfinite(v) and v > 0, "a number of seconds > 0"),
+    **{name: (lambda v: math.isfinite(v) and v > 0, "a number of seconds > 0") for name in ("request_timeout_s", "request_read_timeout_s")},
     "cache_size": (_at_least(0), "an integer >= 0 (0: no cache)"),
 }
+
+
+def read_deadline_protocol(seconds):
+    """uvicorn's h11 protocol with a bound on how long a client may take to send a request's headers and body, counted
+    from the connection or from its first byte after the previous answer. uvicorn bounds only the idle wait between
+    requests: a client sending a byte every few seconds held its connection for ever."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    reading = (h11.IDLE, h11.SEND_BODY)  # the client's side of the cycle until its request is complete
+
+    class ReadDeadlineProtocol(H11Protocol):
+        read_deadline = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data):
+            if self.read_deadline is None:
+                self._arm()
+            super().data_received(data)
+            if self.conn.their_state not in reading and self.read_deadline is not None:
+                self.read_deadline.cancel()
+                self.read_deadline = None
+
+        def connection_lost(self, exc):
+            if self.read_deadline is not None:
+                self.read_deadline.cancel()
+            super().connection_lost(exc)
+
+        def _arm(self):
+            self.read_deadline = self.loop.call_later(seconds, self._too_slow)
+
+        def _too_slow(self):
+            self.read_deadline = None
+            if self.conn.their_state in reading and not self.transport.is_closing():
+                self.transport.close()
+
+    return ReadDeadlineProtocol
 
 
 def serve(cfg, default_checkpoint):
@@ -650,7 +690,8 @@ def serve(cfg, default_checkpoint):
                 await asyncio.sleep(0.05)
             await super().shutdown(sockets)
 
-    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=cfg.request_timeout_s + 5)
+    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=cfg.request_timeout_s + 5,
+                            http=read_deadline_protocol(cfg.request_read_timeout_s))
     server = Server(config)
     server.run()
     if failure:  # a server that cannot serve must not look alive
