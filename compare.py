@@ -260,6 +260,7 @@ def main(argv=None):
     from weibo_senti.training import SETTING_RANGES
 
     cli.check_ranges(cfg, {**SETTING_RANGES, "single_texts": (lambda v: v >= 1, "an integer >= 1")})
+    runtime_options(cfg)  # an unknown --backend is refused before 75,000 rows are read
     checkpoints = find_checkpoints(cfg.checkpoints)
     for checkpoint in checkpoints:  # a damaged one is named before any work
         read_info(checkpoint)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
-from conftest import Server, read_only, run_script
+from conftest import FAST, Server, read_only, run_script, train
 from weibo_senti import REPO_ROOT, onnx_backend
 from weibo_senti.bettafish import WeiboSentimentAnalyzer
 from weibo_senti.checkpoint import CheckpointError, atomic_file, read_info
@@ -327,4 +327,83 @@ def test_slow_clients_are_disconnected_and_the_server_keeps_answering(trained):
     finally:
         for connection in slow:
             connection.close()
+        assert server.stop() == 0
+
+
+def test_a_spark_run_refused_for_its_jdbc_driver_makes_no_output_table(trained, tmp_path, mariadb_url):
+    import pandas as pd
+    import sqlalchemy as sa
+
+    crawl = f"sqlite:///{tmp_path / 'crawl.db'}"
+    pd.DataFrame({"note_id": [1, 2], "content": ["今天好开心", "心好累"]}).to_sql("weibo_note", sa.create_engine(crawl), index=False)
+    result = run_script(REPO_ROOT / "score.py", "--engine", "spark", "--input", crawl, "--table", "weibo_note", "--id-column",
+                        "note_id", "--output", mariadb_url, "--output-table", "refused_run", "--checkpoint",
+                        trained("adapter_tuning")[0] / "best")
+    assert result.returncode == 2 and "JDBC driver jar" in result.stderr, result.stderr
+    engine = sa.create_engine(mariadb_url)
+    assert not [name for name in sa.inspect(engine).get_table_names() if name.startswith("refused_run")]
+    engine.dispose()
+
+
+def test_the_client_names_a_failed_text_by_its_place_in_the_callers_list(fake_server):
+    fake_server.LIMITS = {"max_texts_per_request": 2, "max_body_bytes": 1_000_000}
+    fake_server.sentiment = lambda texts: (200, {}, {"results": [
+        {"error": f"texts[{i}]: empty"} if not text.strip() else _good() for i, text in enumerate(texts)]})
+    with SentimentClient(fake_server.url, retries=0) as client:
+        results = client.score(["好", "好", "好", " "])  # the blank one is the second text of the second request
+    assert results[3]["error"] == "texts[3]: empty" and all("error" not in r for r in results[:3])
+
+
+# the smaller cases: each refused early, in one line, naming what is wrong
+def test_refusals_come_before_the_work_and_name_the_right_flag(tiny_models, weibo_csv, trained, tmp_path):
+    lora_train = REPO_ROOT / "lora" / "train.py"
+    common = ["--model", tiny_models["gpt2"], "--data", weibo_csv, "--human-data", "none", "--epochs", "1"]
+    cases = [
+        (lora_train, [*common, "--output-dir", tmp_path / "merge", "--merge-to", tmp_path], "--merge-to"),
+        (REPO_ROOT / "bert_lora" / "train.py", ["--model", tiny_models["bert"], "--data", weibo_csv, "--human-data", "none",
+                                                "--output-dir", tmp_path / "teacher", "--teacher", tmp_path / "missing"], "--teacher"),
+        (REPO_ROOT / "compare.py", [trained("lora")[0] / "best", "--extra", tmp_path / "missing.csv"], "file not found"),
+        (REPO_ROOT / "compare.py", [trained("lora")[0] / "best", "--backend", "tensorrt"], "--backend tensorrt"),
+        (REPO_ROOT / "serve.py", ["--checkpoint", trained("lora")[0] / "best", "--backend", "tensorrt"], "--backend tensorrt"),
+        (REPO_ROOT / "score.py", ["--input", weibo_csv, "--output", tmp_path / "s.csv", "--backend", "tensorrt"], "--backend tensorrt"),
+    ]
+    for script, args, named in cases:
+        result = run_script(script, *args)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert named in result.stderr and "epoch 1" not in result.stderr + result.stdout, result.stderr
+        assert "--checkpoint" not in result.stderr or script.name != "train.py"
+        assert "ChineseNlpCorpus" not in result.stderr and "Uvicorn running" not in result.stderr
+    assert not (tmp_path / "merge").exists() and not (tmp_path / "teacher").exists()
+
+
+def test_a_refused_run_leaves_no_empty_output_folder(tiny_models, tmp_path):
+    train_script = REPO_ROOT / "adapter_tuning" / "train.py"
+    for args in (["--data", "/dev/null"], ["--resume"]):
+        out = tmp_path / "never"
+        result = run_script(train_script, "--model", tiny_models["gpt2"], "--human-data", "none", "--output-dir", out, *args)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert not out.exists(), f"{args}: {list(out.iterdir())}"
+
+
+def test_a_resume_in_another_precision_is_said_or_refused(tiny_models, weibo_csv, tmp_path):
+    from weibo_senti.models import resolve_mixed_precision
+
+    here = resolve_mixed_precision("auto", "cpu")[0]
+    other = "no" if here == "bf16" else "bf16"
+    train("adapter_tuning", tiny_models["gpt2"], weibo_csv, tmp_path / "run", "--epochs", "1", "--mixed-precision", other)
+    args = ["--model", tiny_models["gpt2"], "--data", weibo_csv, "--human-data", "none", "--output-dir", tmp_path / "run",
+            *FAST, "--epochs", "2", "--resume"]
+    result = run_script(REPO_ROOT / "adapter_tuning" / "train.py", *args)
+    assert result.returncode == 2 and f"trained in {other}" in result.stderr and f"--mixed-precision {other}" in result.stderr
+    result = run_script(REPO_ROOT / "adapter_tuning" / "train.py", *args, "--mixed-precision", here)
+    assert result.returncode == 0 and f"trained in {other} so far; it goes on in {here}, as asked" in result.stdout + result.stderr
+
+
+def test_a_body_that_is_not_json_text_is_422_as_documented(trained):
+    server = Server("--checkpoint", trained("adapter_tuning")[0] / "best", "--backend", "torch")
+    try:
+        for body in (b'{"texts": ["\xff\xfe"]}', b"[" * 100_000 + b"]" * 100_000, b"{bad"):
+            answer = httpx.post(server.url + "/api/sentiment", content=body, headers={"content-type": "application/json"})
+            assert answer.status_code == 422 and answer.json()["error"] == "invalid_request", answer.text
+    finally:
         assert server.stop() == 0

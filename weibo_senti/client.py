@@ -84,20 +84,27 @@ class SentimentClient:
         with self._deadline():
             for batch in self._batches(list(texts)):
                 if isinstance(batch, dict):  # a text too large for any request
-                    results.append(batch)
+                    results.append({"error": f"texts[{len(results)}]: {batch['error']}"})
                     continue
                 body = {"texts": batch, "model": self.model, "clean": self.clean, "per_text_errors": True}
-                results.extend(self._checked(self._call("POST", "/api/sentiment", json=body), len(batch)))
+                results.extend(self._checked(self._call("POST", "/api/sentiment", json=body), len(batch), len(results)))
         return results
 
-    def _checked(self, answer, sent):
-        """The answer's results if it holds one well-formed result per text sent; else an error for each text."""
+    def _checked(self, answer, sent, offset):
+        """The answer's results if it holds one well-formed result per text sent; else an error for each text. An error
+        names its text by its place in the caller's list (offset: the request's first), not in the request."""
         results = answer.get("results")
         if not isinstance(results, list) or len(results) != sent:
             count = len(results) if isinstance(results, list) else "no"
             return [{"error": f"the server answered {count} results for {sent} texts: none of them is trusted"}] * sent
-        return [one if _well_formed(one) else {"error": f"the server's result is malformed: {json.dumps(one)[:120]}"}
-                for one in results]
+        checked = []
+        for i, one in enumerate(results):
+            if not _well_formed(one):
+                one = {"error": f"texts[{offset + i}]: the server's result is malformed: {json.dumps(one, ensure_ascii=False)[:120]}"}
+            elif "error" in one:
+                one = {**one, "error": f"texts[{offset + i}]: {one['error'].removeprefix(f'texts[{i}]: ')}"}
+            checked.append(one)
+        return checked
 
     @contextmanager
     def _deadline(self):

@@ -170,7 +170,7 @@ def load_labelled_csv(path):
         report = DataReport(str(path), len(raw), header=False)
         table = pd.DataFrame({"row": raw.index, "label": raw["label"].str.strip(), "review": raw["review"]})
     else:
-        table = read_csv_text(path)
+        table = read_csv_text(path, hint=PUBLIC_DATASET_HINT if path.name == "weibo_senti_100k.csv" else None)  # a file of one's own: no hint
         table.columns = [str(c).strip() for c in table.columns]
         missing = [c for c in ("label", "review") if c not in table.columns]
         if missing:

@@ -114,6 +114,8 @@ def export_merged(checkpoint_dir, destination):
 def main(script_globals, method_name):
     """train.py of lora/ and bert_lora/: train, then optionally write the merged model (--merge-to)."""
     cfg = cli.parse_config(script_globals)
+    if cfg.merge_to:  # refused before training, not after
+        _check_merge_destination(Path(cfg.output_dir) / "best", Path(cfg.merge_to))
     training.run(cfg, method_name)
     if cfg.merge_to:
         print(f"merged model written to {export_merged(cfg.output_dir / 'best', Path(cfg.merge_to))}")

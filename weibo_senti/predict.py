@@ -49,7 +49,10 @@ def clean_text(text):
 
 
 def runtime_options(cfg):
-    """Classifier.load's options from a script's MIXED_PRECISION, BACKEND and BATCH_TOKENS settings."""
+    """Classifier.load's options from a script's MIXED_PRECISION, BACKEND and BATCH_TOKENS settings; an unknown backend
+    is refused here, before any data is read or any server starts."""
+    if cfg.backend not in BACKENDS:
+        raise UserError(f"--backend {cfg.backend}: not one of {', '.join(BACKENDS)}")
     return {"mixed_precision": cfg.mixed_precision, "backend": cfg.backend, "batch_tokens": getattr(cfg, "batch_tokens", 0)}
 
 
@@ -69,6 +72,7 @@ GPU_SETTINGS = {"batch_tokens": 65536, "chunk_rows": 50000, "max_batch_size": 40
 def fit_to_device(cfg):
     """On a GPU, the GPU_SETTINGS that the command line did not give. Returns the start-up line saying where the texts
     are scored and with which batches."""
+    runtime_options(cfg)  # checks --backend
     device = prediction_device(cfg.backend)
     if device.type == "cuda":
         for name, value in GPU_SETTINGS.items():

@@ -915,8 +915,8 @@ def score_spark(cfg, checkpoint, model):
         raise DataError("--table and --where are for database inputs (a SQLAlchemy URL)")
     # checked on the driver, with the local engine's messages, before Spark starts
     source = TableSource(cfg.input, cfg.table, cfg.id_column, cfg.text_column, cfg.where) if is_database(cfg.input) else None
+    jars = jdbc_jars(cfg.spark_jars, [url for url in (cfg.input, output) if is_database(url)])  # before any table is made
     sink = open_sink(cfg, source) if is_database(output) else None
-    jars = jdbc_jars(cfg.spark_jars, [url for url in (cfg.input, output) if is_database(url)])
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))  # local workers
     # the workers run this interpreter (a venv's, activated or not), not whatever python3 PATH finds first
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)

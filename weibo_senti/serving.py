@@ -509,10 +509,10 @@ def create_app(checkpoints, limits=None, runtime=None, load=load_models, on_load
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, error):  # unknown paths, wrong methods, bodies that are not JSON: the same shape as ours
-        kinds = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
+        kinds = {404: "not_found", 405: "method_not_allowed"}
         detail = error.detail if isinstance(error.detail, str) else "invalid request"
-        if error.status_code == 400:
-            detail = f"the body is not valid JSON ({detail})"
+        if error.status_code == 400:  # FastAPI's answer to a body it cannot parse (bad JSON, bad UTF-8, nested too deep)
+            return error_response(ServiceError(422, "invalid_request", f"the body is not valid JSON ({detail})"))
         return error_response(ServiceError(error.status_code, kinds.get(error.status_code, "http_error"), detail, error.headers))
 
     @app.exception_handler(RequestValidationError)

@@ -202,6 +202,9 @@ def load_teacher(cfg, device):
         return None
     from .predict import Classifier  # any checkpoint or classifier folder predict.py reads; LoRA merged, for speed
 
+    if not Path(cfg.teacher).is_dir():
+        raise UserError(f"--teacher {cfg.teacher}: no folder there; give a trained classifier's folder, such as "
+                        "models/classifiers/adapter_tuning")
     teacher = Classifier.load(cfg.teacher, mixed_precision="no")
     teacher.model.to(device).requires_grad_(False)
     return teacher
@@ -418,6 +421,7 @@ def run(cfg, method_name):
     accelerator = Accelerator(
         mixed_precision=precision, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed)
     )
+    created = not cfg.output_dir.exists()
     lock = _lock(cfg.output_dir) if accelerator.is_main_process else None
     try:
         _refuse_to_replace(cfg)
@@ -425,6 +429,9 @@ def run(cfg, method_name):
     finally:
         if lock is not None:
             lock.release()
+            # a run refused before it wrote anything (bad data, nothing to resume) leaves no folder behind it
+            if created and {path.name for path in cfg.output_dir.iterdir()} <= {LOCK_FILE}:
+                shutil.rmtree(cfg.output_dir, ignore_errors=True)
 
 
 def _run(cfg, method_name, accelerator, why):
@@ -444,6 +451,12 @@ def _run(cfg, method_name, accelerator, why):
     stand_in = base_path == mini_model or base_path in OFFLINE_IMPORTS.values()
     base_model = repo_relative(base_path) if stand_in else str(cfg.model)
     resume_dir, state, resumed = _resume_state(cfg, last_dir, method_name, settings) if cfg.resume else (None, None, {})
+    if resumed.get("mixed_precision", accelerator.mixed_precision) != accelerator.mixed_precision:
+        if "mixed_precision" not in cfg.given:
+            raise UserError(f"--resume: the run in {resume_dir} trained in {resumed['mixed_precision']}, and here it would go on in "
+                            f"{accelerator.mixed_precision} ({why}): pass --mixed-precision {resumed['mixed_precision']} to go on "
+                            f"as it began, or --mixed-precision {accelerator.mixed_precision} to change")
+        say(f"note: the run trained in {resumed['mixed_precision']} so far; it goes on in {accelerator.mixed_precision}, as asked")
 
     human_path = human_data_path(cfg)
     share = getattr(cfg, "distant_share", 1.0) if human_path else 1.0
