@@ -119,6 +119,19 @@ def load_text_sets(cfg):
     from weibo_senti.calibration import calibration_halves
     from weibo_senti.data import EMOTICON_TAG, load_labelled_csv, split_train_val, strip_emoticons
 
+    extras = [Path(e.strip()) for e in cfg.extra.split(",") if e.strip()]
+    names = [path.name for path in extras]
+    repeated = next((name for name in names if names.count(name) > 1), None)
+    if repeated:
+        raise UserError(f"--extra: two files named {repeated}; the report names each set by its file name, so rename one")
+    extra_sets = {}  # read first: a file of one's own is the likeliest to be refused, before 75,000 rows are read
+    for path in extras:
+        extra_table, extra_report = load_labelled_csv(path)
+        print(extra_report)
+        texts, labels = extra_table["review"].tolist(), extra_table["label"].to_numpy()
+        extra_sets[path.name] = {"texts": texts, "labels": labels}
+        if any(EMOTICON_TAG.search(text) for text in texts):  # crawled text comes without them: that score is the one to read
+            extra_sets[f"{path.name}, no tags"] = {"texts": [strip_emoticons(text) for text in texts], "labels": labels}
     sets = {}
     if cfg.human_data.lower() != "none":
         from weibo_senti.data import HUMAN_SPLIT_SEED, split_human
@@ -139,19 +152,7 @@ def load_text_sets(cfg):
         "val": {"texts": val["review"].tolist(), "labels": val["label"].to_numpy(), "held_out": held_out},
         "val_no_emoticons": {"texts": val["review"].map(strip_emoticons).tolist(), "labels": val["label"].to_numpy(), "held_out": held_out},
     }
-    extras = [Path(e.strip()) for e in cfg.extra.split(",") if e.strip()]
-    names = [path.name for path in extras]
-    repeated = next((name for name in names if names.count(name) > 1), None)
-    if repeated:
-        raise UserError(f"--extra: two files named {repeated}; the report names each set by its file name, so rename one")
-    for path in extras:
-        extra_table, extra_report = load_labelled_csv(path)
-        print(extra_report)
-        texts, labels = extra_table["review"].tolist(), extra_table["label"].to_numpy()
-        sets[path.name] = {"texts": texts, "labels": labels}
-        if any(EMOTICON_TAG.search(text) for text in texts):  # crawled text comes without them: that score is the one to read
-            sets[f"{path.name}, no tags"] = {"texts": [strip_emoticons(text) for text in texts], "labels": labels}
-    return sets
+    return sets | extra_sets
 
 
 def _fmt(value, pattern):
