@@ -17,11 +17,12 @@ from weibo_senti import UserError, cli  # noqa: E402
 
 DATA = ""  # the labelled CSV the checkpoint was trained on ("" = the one its checkpoint.json names)
 BATCH_SIZE = 64  # texts per model call
+BANDS_ONLY = False  # keep the temperature and bias; fit only the five levels' edges (a checkpoint calibrated on human-labelled posts before they were fitted)
 
 
 def main(argv=None):
     cfg = cli.parse_config(globals(), argv, positional=("checkpoints", "checkpoint folders to calibrate"))
-    from weibo_senti.calibration import calibrate_checkpoint, run_validation_rows
+    from weibo_senti.calibration import calibrate_checkpoint, fit_bands_of_checkpoint, run_validation_rows
     from weibo_senti.checkpoint import read_info
 
     if not cfg.checkpoints:
@@ -34,7 +35,12 @@ def main(argv=None):
 
             path = Path(info["run"]["human_data"])
             _, val = split_human(load_labelled_csv(path if path.is_absolute() else REPO_ROOT / path)[0])
-            calibrate_checkpoint(checkpoint, val, HUMAN_SPLIT_SEED, cfg.batch_size, as_they_are=True)
+            if cfg.bands_only:
+                fit_bands_of_checkpoint(checkpoint, val, HUMAN_SPLIT_SEED, cfg.batch_size)
+            else:
+                calibrate_checkpoint(checkpoint, val, HUMAN_SPLIT_SEED, cfg.batch_size, as_they_are=True)
+        elif cfg.bands_only:
+            raise UserError(f"{checkpoint}: --bands-only needs a checkpoint trained with human-labelled posts (its run names no human_data)")
         else:
             val = run_validation_rows(checkpoint, info, cfg.data)
             calibrate_checkpoint(checkpoint, val, int(info["run"]["seed"]), cfg.batch_size)

@@ -142,3 +142,25 @@ def test_adapters_sharing_a_base_each_keep_their_own_calibration(trained, tmp_pa
     for name, folder in folders.items():
         got = served[name].classifier.probabilities(TEXTS, adapter_names=[served[name].adapter] * len(TEXTS))
         np.testing.assert_allclose(got, Classifier.load(folder, backend="torch").probabilities(TEXTS), atol=1e-5)
+
+
+def test_the_five_levels_edges_follow_their_rule_on_calibrated_probabilities():
+    from weibo_senti.calibration import LEVELS, NEUTRAL_ACCURACY, VERY_ACCURACY, bands_report, fit_bands, level_of
+
+    rng = np.random.default_rng(0)
+    confidence = rng.uniform(0.5, 1, 4000)
+    labels = rng.integers(0, 2, 4000)
+    said = np.where(rng.uniform(size=4000) < confidence, labels, 1 - labels)  # right as often as it says: calibrated
+    positive = np.where(said == 1, confidence, 1 - confidence)
+    probabilities = np.stack([1 - positive, positive], axis=1)
+    bands = fit_bands(probabilities, labels)
+    assert 0.55 < bands["neutral_below"] < 0.75 and 0.85 < bands["very_from"] < 0.95
+    report = bands_report(probabilities, labels, bands)
+    assert report["中性"]["accuracy"] <= NEUTRAL_ACCURACY + 0.01
+    assert min(report["非常正面"]["accuracy"], report["非常负面"]["accuracy"]) >= VERY_ACCURACY - 0.02
+    assert [level_of(1, 0.6, bands), level_of(0, 0.8, bands), level_of(1, 0.99, bands), level_of(0, 0.99, bands)] == \
+        [LEVELS[2], LEVELS[1], LEVELS[4], LEVELS[0]]
+    coin = np.full((100, 2), 0.5)  # right half the time at every confidence: all neutral, no 'very' band
+    assert fit_bands(coin, np.arange(100) % 2) == {"neutral_below": 1.0, "very_from": 1.0}
+    always_right = np.tile([[0.9, 0.1]], (100, 1))  # no neutral band
+    assert fit_bands(always_right, np.zeros(100, dtype=int)) == {"neutral_below": 0.5, "very_from": 0.9}

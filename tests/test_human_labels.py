@@ -6,6 +6,7 @@ import pytest
 import tiny
 from conftest import REPO_ROOT, run_script, train
 from weibo_senti import UserError, training
+from weibo_senti.calibration import LEVELS
 from weibo_senti.data import HUMAN_DATA, HUMAN_VAL_ROWS, DataError, LengthGroupedBatches, load_labelled_csv, split_human
 
 
@@ -65,6 +66,9 @@ def test_a_run_with_human_labels_is_chosen_and_calibrated_on_them(tiny_models, w
     assert info["data_rows"]["distant_per_epoch"] == (0 if share == 0 else 300)
     assert "human-labelled validation posts" in info["calibration"]["fitted_on"]
     assert info["run"]["distant_share"] == str(share)
+    bands = info["calibration"]["bands"]  # the five levels' edges, on the same posts
+    assert 0.5 <= bands["neutral_below"] <= bands["very_from"] <= 1 and set(bands["held_out"]) == set(LEVELS)
+    assert sum(level["share"] for level in bands["held_out"].values()) == pytest.approx(1, abs=1e-3)
 
 
 def test_init_from_starts_from_a_trained_checkpoint_and_takes_its_settings(trained, tiny_models, weibo_csv, human_txt, tmp_path):

@@ -22,6 +22,13 @@ from .data import expected_calibration_error, strip_emoticons
 
 TEMPERATURE_RANGE = (0.05, 20.0)
 MIN_TEXTS = 200  # fewer validation texts than this: nothing is fitted (T stays 1, the bias 0); on fewer it fits noise
+# The five levels BettaFish's prompts promise (非常负面 ... 非常正面), read off the calibrated confidence by two edges fitted
+# on human-labelled posts: under `neutral_below` the label was right at most NEUTRAL_ACCURACY of the time (the classifier
+# cannot tell: 中性); from `very_from` up, at least VERY_ACCURACY of the time (非常). Each band holds MIN_BAND_TEXTS or more.
+NEUTRAL_ACCURACY = 0.6
+VERY_ACCURACY = 0.95
+MIN_BAND_TEXTS = 20
+LEVELS = ("非常负面", "负面", "中性", "正面", "非常正面")
 
 
 def calibration_of(info):
@@ -97,6 +104,41 @@ def fit_temperature(probabilities, labels, threshold=0.0):
     return float(np.exp(minimize_scalar(loss, bounds=(low, high), method="bounded").x))
 
 
+def fit_bands(probabilities, labels):
+    """{neutral_below, very_from}: the two edges on the confidence (the calibrated probability of the label given) by
+    the rule above; 0.5 (no neutral band) or 1.0 (no 'very' band) where no band of MIN_BAND_TEXTS posts meets it."""
+    confidence = probabilities.max(axis=1)
+    order = np.argsort(confidence, kind="stable")
+    sure, right = confidence[order], (probabilities.argmax(axis=1) == np.asarray(labels))[order]
+    counts = np.arange(1, len(sure) + 1)
+    below = np.cumsum(right) / counts  # accuracy of the k least sure
+    above = np.cumsum(right[::-1])[::-1] / counts[::-1]  # accuracy from the k-th least sure up
+    unsure = np.nonzero((below <= NEUTRAL_ACCURACY) & (counts >= MIN_BAND_TEXTS))[0]
+    if not len(unsure):
+        neutral_below = 0.5  # no neutral band
+    else:  # up to the next post's confidence; all of them: every confidence is 'cannot tell'
+        neutral_below = float(sure[unsure[-1] + 1]) if unsure[-1] + 1 < len(sure) else 1.0
+    very = np.nonzero((above >= VERY_ACCURACY) & (counts[::-1] >= MIN_BAND_TEXTS))[0]
+    very_from = max(float(sure[very[0]]) if len(very) else 1.0, neutral_below)
+    return {"neutral_below": round(neutral_below, 4), "very_from": round(very_from, 4)}
+
+
+def level_of(label, confidence, bands):
+    """One of LEVELS for a binary label and its confidence, by the bands {neutral_below, very_from}."""
+    if confidence < bands["neutral_below"]:
+        return LEVELS[2]
+    return LEVELS[(4 if confidence >= bands["very_from"] else 3) if label == 1 else (0 if confidence >= bands["very_from"] else 1)]
+
+
+def bands_report(probabilities, labels, bands):
+    """Per level: its share of the texts and how often their binary label was right."""
+    labels, said, sure = np.asarray(labels), probabilities.argmax(axis=1), probabilities.max(axis=1)
+    levels = np.array([level_of(label, confidence, bands) for label, confidence in zip(said, sure)])
+    return {level: {"share": round(float((levels == level).mean()), 4),
+                    "accuracy": round(float((said == labels)[levels == level].mean()), 4) if (levels == level).any() else None}
+            for level in LEVELS}
+
+
 def calibration_error(probabilities, labels):
     """The expected calibration error of [n, 2] probabilities against 0/1 labels."""
     return expected_calibration_error(probabilities.max(axis=1), probabilities.argmax(axis=1) == np.asarray(labels))
@@ -125,14 +167,15 @@ def calibrate(classifier, val_rows, seed, batch_size=64, as_they_are=False):
         threshold = recall_balancing_threshold(fitted, labels)
         temperature = fit_temperature(fitted, labels, threshold)
         bias = -threshold / temperature
-        held_out_report = {}
+        held_out_report, held_out_probabilities = {}, {}
         for name, texts in (("without_tags", held_out["review"].map(strip_emoticons)), ("with_tags", held_out["review"])):
             probabilities = classifier.probabilities(texts.tolist(), batch_size)
+            held_out_probabilities[name] = apply_calibration(probabilities, temperature, bias)
             held_out_report[name] = {"before": _report(probabilities, held_out["label"]),
-                                     "after": _report(apply_calibration(probabilities, temperature, bias), held_out["label"])}
+                                     "after": _report(held_out_probabilities[name], held_out["label"])}
     finally:
         classifier.temperature, classifier.bias = kept
-    return {
+    record = {
         "temperature": round(temperature, 4),
         "bias": round(bias, 4),
         "fitted_on": (f"{len(fit):,} human-labelled validation posts, as they are and without emoticon tags (seed {seed})" if as_they_are
@@ -140,17 +183,44 @@ def calibrate(classifier, val_rows, seed, batch_size=64, as_they_are=False):
         "held_out": held_out_report,
         "held_out_texts": len(held_out),
     }
+    if as_they_are:  # people's labels: the five levels' edges too, on the same posts, reported on the other half
+        bands = fit_bands(apply_calibration(fitted, temperature, bias), labels)
+        both = np.concatenate([held_out_probabilities["with_tags"], held_out_probabilities["without_tags"]])
+        record["bands"] = {**bands, "fitted_on": record["fitted_on"],
+                           "held_out": bands_report(both, np.concatenate([held_out["label"]] * 2), bands)}
+    return record
+
+
+def fit_bands_only(classifier, val_rows, seed, batch_size=64):
+    """checkpoint.json's "bands" for a classifier already calibrated on human-labelled posts: fitted on the same half of
+    `val_rows` as its calibration was, with that calibration applied."""
+    fit, held_out = calibration_halves(val_rows, seed)
+    texts = fit["review"].map(strip_emoticons).tolist() + fit["review"].tolist()
+    bands = fit_bands(classifier.probabilities(texts, batch_size), fit["label"].tolist() * 2)
+    held_texts = held_out["review"].tolist() + held_out["review"].map(strip_emoticons).tolist()
+    report = bands_report(classifier.probabilities(held_texts, batch_size), held_out["label"].tolist() * 2, bands)
+    return {**bands, "fitted_on": f"{len(fit):,} human-labelled validation posts, as they are and without emoticon tags "
+                                  f"(seed {seed})", "held_out": report}
 
 
 def describe(record):
     before, after = record["held_out"]["without_tags"]["before"], record["held_out"]["without_tags"]["after"]
     tagged = record["held_out"]["with_tags"]
-    return (f"temperature {record['temperature']:.3f}, bias {record['bias']:+.3f} (fitted on {record['fitted_on']}); on the other "
+    text = (f"temperature {record['temperature']:.3f}, bias {record['bias']:+.3f} (fitted on {record['fitted_on']}); on the other "
             f"{record['held_out_texts']:,} without tags, before -> after: recall negative / positive {before['recall'][0]:.3f} / "
             f"{before['recall'][1]:.3f} -> {after['recall'][0]:.3f} / {after['recall'][1]:.3f}, accuracy {before['accuracy']:.4f} -> "
             f"{after['accuracy']:.4f}, calibration error {before['calibration_error']:.3f} -> {after['calibration_error']:.3f}; "
             f"with tags: accuracy {tagged['before']['accuracy']:.4f} -> {tagged['after']['accuracy']:.4f}, calibration error "
             f"{tagged['before']['calibration_error']:.3f} -> {tagged['after']['calibration_error']:.3f}")
+    if record.get("bands"):
+        text += "; " + describe_bands(record["bands"])
+    return text
+
+
+def describe_bands(bands):
+    shares = ", ".join(f"{level} {band['share']:.0%}" for level, band in bands["held_out"].items())
+    return (f"five levels: 中性 under a confidence of {bands['neutral_below']:.3f}, 非常 from {bands['very_from']:.3f} "
+            f"(of the held-out posts: {shares})")
 
 
 def calibrate_checkpoint(folder, val_rows, seed, batch_size=64, say=print, as_they_are=False):
@@ -168,3 +238,19 @@ def calibrate_checkpoint(folder, val_rows, seed, batch_size=64, say=print, as_th
     write_info(folder, {**read_info(folder), "calibration": record})
     say(f"{folder}: {describe(record)}")
     return record
+
+
+def fit_bands_of_checkpoint(folder, val_rows, seed, batch_size=64, say=print):
+    """fit_bands_only() for `folder`, written into its checkpoint.json's calibration (atomically)."""
+    from . import UserError
+    from .checkpoint import find_checkpoint, read_info, write_info
+    from .predict import Classifier
+
+    folder = find_checkpoint(folder)
+    info = read_info(folder)
+    if not info.get("calibration"):
+        raise UserError(f"{folder} is not calibrated: run calibrate.py without --bands-only first")
+    bands = fit_bands_only(Classifier.load(folder, mixed_precision="auto"), val_rows, seed, batch_size)
+    write_info(folder, {**info, "calibration": {**info["calibration"], "bands": bands}})
+    say(f"{folder}: {describe_bands(bands)}")
+    return bands

@@ -256,6 +256,12 @@ def _check_calibration(info, info_path):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:  # NaN fails too
             raise CheckpointError(f"{info_path} is damaged: 'calibration.{key}' must be a number from {low:g} to {high:g}, "
                                   f"it is {value!r:.80}. Copy the checkpoint again, or fit it anew with calibrate.py.")
+    bands = record.get("bands")
+    if bands is not None:
+        edges = [bands.get(key) if isinstance(bands, dict) else None for key in ("neutral_below", "very_from")]
+        if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in edges) or not 0.5 <= edges[0] <= edges[1] <= 1:
+            raise CheckpointError(f"{info_path} is damaged: 'calibration.bands' must hold 0.5 <= neutral_below <= very_from <= 1, "
+                                  f"it is {bands!r:.120}. Copy the checkpoint again, or fit it anew with calibrate.py.")
 
 
 # what every checkpoint.json holds, checked on reading, so a damaged file is named at once and not met as a KeyError
