@@ -105,8 +105,8 @@ def read_only_dir(tmp_path):
 
 
 class Server:
-    def __init__(self, *args):
-        self.port = free_port()
+    def __init__(self, *args, port=None):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
             [sys.executable, str(REPO_ROOT / "serve.py"), "--port", str(self.port), "--log-level", "warning", *map(str, args)],

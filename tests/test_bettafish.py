@@ -1,14 +1,17 @@
 """BettaFish's analyzer contract (InsightEngine/tools/sentiment_analyzer.py), checked from its documented interface, and
 the serve.py client it uses, against a real server on loopback."""
-import pandas as pd
+import time
+
 import httpx
+import pandas as pd
 import pytest
 
 import tiny
 from conftest import Server
 from databases import free_port
 from weibo_senti import REPO_ROOT
-from weibo_senti.bettafish import BatchSentimentResult, SentimentResult, WeiboSentimentAnalyzer
+from weibo_senti.bettafish import DEFAULT_BANDS, SWITCHED_OFF, BatchSentimentResult, SentimentResult, WeiboSentimentAnalyzer
+from weibo_senti.calibration import LEVELS, level_of
 from weibo_senti.client import RequestRejected, SentimentClient, ServiceUnavailable
 from weibo_senti.predict import Classifier
 
@@ -43,7 +46,7 @@ def check_analysis(answer, rows_with_text, min_confidence):
     assert isinstance(analysis["total_analyzed"], int) and isinstance(analysis["average_confidence"], float)
     done, total = map(int, analysis["success_rate"].split("/"))
     assert done == analysis["total_analyzed"] and total == rows_with_text
-    assert set(analysis["sentiment_distribution"]) <= {"负面", "中性", "正面"}
+    assert set(analysis["sentiment_distribution"]) <= set(LEVELS)
     assert sum(analysis["sentiment_distribution"].values()) == analysis["total_analyzed"]
     for entry in analysis["high_confidence_results"]:
         assert set(entry) == {"original_data", "sentiment", "confidence", "text_preview"}
@@ -62,11 +65,12 @@ def test_the_analyzer_speaks_bettafish(server, checkpoint, backend):
 
     one = analyzer.analyze_single_text(TEXTS[0])
     check_result_types(one)
-    assert one.success and one.analysis_performed and one.sentiment_label == ("正面" if expected[0]["label"] else "负面")
+    assert one.success and one.analysis_performed and not one.truncated
+    assert one.sentiment_label == level_of(expected[0]["label"], expected[0]["confidence"], DEFAULT_BANDS)  # the tiny run fitted none
     assert one.confidence == pytest.approx(expected[0]["confidence"], abs=1e-5)
     assert one.probability_distribution["正面"] == pytest.approx(expected[0]["prob_positive"], abs=1e-5)
 
-    batch = analyzer.analyze_batch([TEXTS[1], "   ", TEXTS[2], "x" * 150 if backend == "url" else "\x00"], show_progress=False)
+    batch = analyzer.analyze_batch([TEXTS[1], "   ", TEXTS[2], "\x00"], show_progress=False)
     assert isinstance(batch, BatchSentimentResult) and batch.analysis_performed
     assert (batch.total_processed, batch.success_count, batch.failed_count) == (4, 2, 2)
     for result in batch.results:
@@ -83,19 +87,27 @@ def test_the_analyzer_speaks_bettafish(server, checkpoint, backend):
     kept = check_analysis(analyzer.analyze_query_results(rows, min_confidence=threshold), 31, threshold)
     assert 0 < len(kept["high_confidence_results"]) < 31
     assert any(entry["original_data"]["note_id"] == 98 for entry in everything["high_confidence_results"])
-    assert analyzer.get_model_info()["model_name"].startswith("bert_lora@")
+    info = analyzer.get_model_info()
+    assert info["model_name"].startswith("bert_lora@") and info["supported_languages"] == ["中文"] and info["sentiment_levels"] == list(LEVELS)
+    if backend == "url":  # a long post is scored on its start, and said to be, not refused (the server's limit here: 100)
+        long = analyzer.analyze_single_text(TEXTS[0] + "好" * 150)
+        assert long.success and long.truncated
 
 
 def test_neutral_is_the_band_where_the_classifier_cannot_tell(checkpoint):
-    analyzer = WeiboSentimentAnalyzer(checkpoint=checkpoint, mixed_precision="no", neutral_below=0.99)
+    analyzer = WeiboSentimentAnalyzer(checkpoint=checkpoint, mixed_precision="no", neutral_below=0.99, levels=3)
     assert analyzer.initialize()
     results = analyzer.analyze_batch(TEXTS, show_progress=False).results
-    assert {r.sentiment_label for r in results} <= {"负面", "中性", "正面"}
+    assert {r.sentiment_label for r in results} <= {"负面", "中性", "正面"} and "中性" in {r.sentiment_label for r in results}
     assert all((r.sentiment_label == "中性") == (r.confidence < 0.99) for r in results)
     analysis = analyzer.analyze_query_results([{"content": t} for t in TEXTS], min_confidence=0.5)["sentiment_analysis"]
-    assert all(entry["sentiment"] != "中性" for entry in analysis["high_confidence_results"])
+    assert len(analysis["high_confidence_results"]) == len(TEXTS)  # 中性 kept, as BettaFish's analyzer does
+    binary = WeiboSentimentAnalyzer(checkpoint=checkpoint, mixed_precision="no", levels=2)
+    assert binary.initialize() and {r.sentiment_label for r in binary.analyze_batch(TEXTS, show_progress=False).results} <= {"负面", "正面"}
     with pytest.raises(ValueError, match="from 0.5 to 1"):
         WeiboSentimentAnalyzer(neutral_below=0.3)
+    with pytest.raises(ValueError, match="levels=4"):
+        WeiboSentimentAnalyzer(levels=4)
 
 
 def test_without_a_server_bettafish_goes_on_without_sentiment():
@@ -105,6 +117,7 @@ def test_without_a_server_bettafish_goes_on_without_sentiment():
     analysis = analyzer.analyze_query_results(rows)["sentiment_analysis"]
     assert analysis["available"] is False and analysis["reason"] == analyzer.disable_reason
     assert analysis["original_texts"] == rows and analysis["passthrough_texts"] == ["好开心", "好难过"]
+    assert [result["error_message"] for result in analysis["results"]] == [analyzer.disable_reason] * 2
     assert ANALYSIS_KEYS <= set(analysis) and analysis["success_rate"] == "0/2"
     single = analyzer.analyze_single_text("好开心")
     assert not single.success and not single.analysis_performed and single.error_message == analyzer.disable_reason
@@ -121,7 +134,7 @@ def test_the_client_splits_by_count_and_bytes_and_reports_each_bad_text(server, 
     expected = Classifier.load(checkpoint, mixed_precision="no").predict(texts[:90])
     for got, want in zip(results, expected):
         assert got["label"] == want["label"] and got["prob_positive"] == pytest.approx(want["prob_positive"], abs=1e-5)
-    assert "empty" in results[90]["error"] and "MAX_TEXT_CHARS" in results[91]["error"] and "MAX_BODY_BYTES" in results[92]["error"]
+    assert "empty" in results[90]["error"] and results[91]["truncated"] and results[92]["truncated"]  # cut to the server's 100
     with SentimentClient(server.url, model="nope") as client, pytest.raises(RequestRejected, match="unknown_model"):
         client.score(["好"])
 
@@ -154,3 +167,32 @@ def test_a_256_text_request_to_the_default_classifier_in_fp32_is_answered_in_ful
         assert answer.json()["summary"]["total"] == 256 and answer.json()["summary"]["failed"] == sum(not t.strip() for t in texts)
     finally:
         assert server.stop() == 0
+
+
+def test_one_outage_does_not_switch_sentiment_off_for_good(checkpoint):
+    port = free_port()
+    analyzer = WeiboSentimentAnalyzer(url=f"http://127.0.0.1:{port}", retries=0, retry_start_every_s=0.5)
+    assert analyzer.initialize() is False and analyzer.is_disabled
+    rows = [{"content": text} for text in TEXTS[:5]]
+    assert analyzer.analyze_query_results(rows)["sentiment_analysis"]["available"] is False
+    server = Server("--checkpoint", checkpoint, "--mixed-precision", "no", "--backend", "torch", port=port)
+    try:
+        time.sleep(0.6)
+        analysis = analyzer.analyze_query_results(rows)["sentiment_analysis"]  # the next call starts it again
+        assert "available" not in analysis and analysis["success_rate"] == "5/5" and analyzer.is_initialized
+    finally:
+        assert server.stop() == 0
+    analyzer.disable("switched off by hand")
+    assert analyzer.initialize() is False and analyzer.start_failed_at is None  # disabled on purpose: never retried
+
+
+def test_bettafish_s_own_switch_and_an_analyzer_not_yet_started(checkpoint, monkeypatch):
+    off = WeiboSentimentAnalyzer(checkpoint=checkpoint, enabled=False)
+    assert off.is_disabled and off.disable_reason == SWITCHED_OFF and not off.initialize() and not off.enable()
+    monkeypatch.setenv("SENTIMENT_ANALYSIS_ENABLED", "False")
+    assert WeiboSentimentAnalyzer(checkpoint=checkpoint).disable_reason == SWITCHED_OFF
+    monkeypatch.delenv("SENTIMENT_ANALYSIS_ENABLED")
+    waiting = WeiboSentimentAnalyzer(checkpoint=checkpoint)
+    result = waiting.analyze_single_text("好开心")
+    assert result.sentiment_label == "未初始化" and not result.success and "initialize()" in result.error_message
+    assert waiting.get_model_info()["device"] == "未设置"

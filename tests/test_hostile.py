@@ -118,7 +118,7 @@ STALL = object()
 
 
 def _good(label=1):
-    return {"label": label, "sentiment": "正面情感", "confidence": 0.9, "prob_positive": 0.9}
+    return {"label": label, "sentiment": "正面", "confidence": 0.9, "prob_positive": 0.9}
 
 
 @pytest.fixture
@@ -151,7 +151,7 @@ def test_a_malformed_result_fails_its_text_only_and_the_analyzer_does_not_raise(
     assert analyzer.initialize()
     batch = analyzer.analyze_batch(TEXTS, show_progress=False)
     assert [r.success for r in batch.results] == [True, False, True]
-    assert "malformed" in batch.results[1].error_message and batch.results[2].sentiment_label == "负面"
+    assert "malformed" in batch.results[1].error_message and batch.results[2].sentiment_label == "非常负面"  # 0.9: very
 
 
 def test_an_html_answer_is_a_named_error_and_the_analyzer_passes_the_texts_through(fake_server):

@@ -107,7 +107,7 @@ def test_concurrent_requests_are_batched_and_repeats_come_from_the_cache(server)
     "body, status, words",
     [
         ({"texts": ["好"] * 21}, 413, ["21 texts", "20", "MAX_TEXTS_PER_REQUEST"]),
-        ({"texts": ["好", "好" * 101]}, 422, ["texts[1]", "101 characters", "100", "MAX_TEXT_CHARS"]),
+        ({"texts": ["好", "\x00"]}, 422, ["texts[1]", "NUL"]),
         ({"texts": ["开心" * 45] * 15}, 413, ["4,000 bytes", "MAX_BODY_BYTES"]),
         ({"texts": ["好", "  "]}, 422, ["texts[1]", "empty"]),
         ({"texts": ["好", 5]}, 422, ["texts[1]", "not text"]),
@@ -130,16 +130,20 @@ def test_limits_and_bad_input_get_json_errors_that_name_them(server, body, statu
 
 
 def test_with_per_text_errors_a_bad_text_costs_only_itself(server):
-    texts = ["好开心[哈哈]", "  ", "坏" * 101, 5, "累死了"]
+    texts = ["好开心[哈哈]", "  ", "\x00", 5, "累死了"]
     answer = server.post({"texts": texts, "per_text_errors": True})
     assert answer.status_code == 200, answer.text
     results, summary = answer.json()["results"], answer.json()["summary"]
     assert [("error" in result) for result in results] == [False, True, True, True, False]
-    assert "texts[1]: empty" in results[1]["error"] and "MAX_TEXT_CHARS" in results[2]["error"] and "texts[3]" in results[3]["error"]
+    assert "texts[1]: empty" in results[1]["error"] and "texts[2]" in results[2]["error"] and "texts[3]" in results[3]["error"]
     alone = server.post({"texts": ["好开心[哈哈]", "累死了"]}).json()["results"]
     assert [results[0], results[4]] == alone and "error" not in alone[0]
     assert summary == {"total": 5, "positive": summary["positive"], "negative": 2 - summary["positive"], "failed": 3,
                        "average_confidence": pytest.approx((alone[0]["confidence"] + alone[1]["confidence"]) / 2)}
+    # a text over MAX_TEXT_CHARS (100 here) is scored on its start, and said to be
+    long = server.post({"texts": ["好开心" * 40, "好开心" * 33 + "好"]}).json()["results"]
+    start = server.post({"texts": [("好开心" * 40)[:100]]}).json()["results"][0]
+    assert long[0] == {**start, "truncated": True} and "truncated" not in long[1]
     assert server.post({"texts": texts}).status_code == 422  # without the option: the request fails, naming texts[1]
     request = httpx.get(server.url + "/openapi.json").json()["components"]["schemas"]["SentimentRequest"]
     assert "per_text_errors" in request["properties"] and request["properties"]["per_text_errors"]["description"]

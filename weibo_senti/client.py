@@ -23,7 +23,12 @@ JSON_OVERHEAD = 64  # bytes of a request body besides its texts: {"texts": [...]
 
 
 class ServiceUnavailable(RuntimeError):
-    """The server could not be reached, or kept answering 503/504, after every retry."""
+    """The server could not be reached, or kept answering 503/504, after every retry. status: the last answer's HTTP
+    status (503: up, but loading or too busy), None when it never answered."""
+
+    def __init__(self, message, status=None):
+        super().__init__(message)
+        self.status = status
 
 
 class BadAnswer(RuntimeError):
@@ -79,16 +84,22 @@ class SentimentClient:
 
     def score(self, texts):
         """One result per text, in order: {label, sentiment, confidence, prob_positive}, or {error} for a text that
-        cannot be scored (empty, not text, too long) or whose answer was missing or malformed."""
+        cannot be scored (empty, not text) or whose answer was missing or malformed. A text longer than the server's
+        max_text_chars is scored on its start, and its result says "truncated": true (the model reads only its first
+        few hundred tokens anyway)."""
         results = []
         with self._deadline():
-            for batch in self._batches(list(texts)):
+            most = self.limits.get("max_text_chars")
+            texts = list(texts)
+            cut = {i for i, text in enumerate(texts) if isinstance(text, str) and isinstance(most, int) and len(text) > most}
+            texts = [text[:most] if i in cut else text for i, text in enumerate(texts)]
+            for batch in self._batches(texts):
                 if isinstance(batch, dict):  # a text too large for any request
                     results.append({"error": f"texts[{len(results)}]: {batch['error']}"})
                     continue
                 body = {"texts": batch, "model": self.model, "clean": self.clean, "per_text_errors": True}
                 results.extend(self._checked(self._call("POST", "/api/sentiment", json=body), len(batch), len(results)))
-        return results
+        return [{**result, "truncated": True} if i in cut and "error" not in result else result for i, result in enumerate(results)]
 
     def _checked(self, answer, sent, offset):
         """The answer's results if it holds one well-formed result per text sent; else an error for each text. An error
@@ -139,20 +150,20 @@ class SentimentClient:
             yield batch
 
     def _call(self, method, path, **kwargs):
-        problem, wait = None, 0.0
+        problem, wait, status = None, 0.0, None
         for attempt in range(self.retries + 1):
             left = None if self._ends_at is None else self._ends_at - time.monotonic() - wait
             if left is not None and left <= 0:
-                raise ServiceUnavailable(f"{self.url}{path}: no answer within the deadline of {self.deadline_s:g} s; last: {problem}")
+                raise ServiceUnavailable(f"{self.url}{path}: no answer within the deadline of {self.deadline_s:g} s; last: {problem}", status)
             time.sleep(wait)
             timeout = httpx.USE_CLIENT_DEFAULT if left is None else _shortened(self.http.timeout, left)
             try:
                 response = self.http.request(method, path, timeout=timeout, **kwargs)
             except httpx.TransportError as error:  # refused, timed out, or dropped under the request (a restart)
-                problem, wait = f"{type(error).__name__}: {error}", min(2.0 ** attempt, self.max_retry_wait_s)
+                problem, wait, status = f"{type(error).__name__}: {error}", min(2.0 ** attempt, self.max_retry_wait_s), None
                 continue
             if response.status_code in RETRIED_STATUSES:
-                problem = f"{response.status_code}: {_detail(response)}"
+                problem, status = f"{response.status_code}: {_detail(response)}", response.status_code
                 wait = min(retry_after_s(response.headers.get("retry-after"), 2.0 ** attempt), self.max_retry_wait_s)
                 continue
             if response.status_code >= 400:
@@ -163,7 +174,7 @@ class SentimentClient:
                 raise BadAnswer(f"{self.url}{path}: answered {response.status_code} with "
                                 f"{response.headers.get('content-type', 'no content type')}, not JSON: {response.text[:120]!r}")
             return answer
-        raise ServiceUnavailable(f"{self.url}{path}: no answer after {self.retries + 1} tries; last: {problem}")
+        raise ServiceUnavailable(f"{self.url}{path}: no answer after {self.retries + 1} tries; last: {problem}", status)
 
 
 def retry_after_s(value, otherwise):

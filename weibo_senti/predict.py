@@ -28,7 +28,7 @@ BACKEND_HELP = (
     "or a CPU with native bf16, else the fastest path measured on this kind of CPU (int8 only where it gave fp32's labels on >= 99.5%% of "
     "the check texts)"
 )
-SENTIMENTS = ("负面情感", "正面情感")  # label 0, label 1, as the original console printed them
+SENTIMENTS = ("负面", "正面")  # label 0, label 1: BettaFish's names, one vocabulary in every output (the analyzer's levels add 中性 and 非常)
 DEFAULT_MAX_LENGTH = 128
 SHIPPED_CLASSIFIERS = MODELS_DIR / "classifiers"  # <method>/: the classifiers committed with the repository
 DEFAULT_METHOD = "adapter_tuning"  # the default classifier's method: the best shipped one on people's labels (README, Results)

@@ -98,6 +98,7 @@ class Served:
             "max_length": self.classifier.max_length,
             "precision": "fp32" if self.classifier.precision == "no" else self.classifier.precision,
             "runs_as": self.classifier.runs_as,
+            "bands": (self.info.get("calibration") or {}).get("bands"),  # the five levels' edges, where fitted
             "validation": {
                 "accuracy": metrics.get("val_accuracy"),
                 "macro_f1": metrics.get("val_macro_f1"),
@@ -276,7 +277,7 @@ class SentimentRequest(BaseModel):
     model: str | None = Field(None, description="a name from GET /api/models; default: the first served")
     clean: bool = Field(False, description="first remove {%...%} tags, @user, 【...】, zero-width characters and emoji")
     per_text_errors: bool = Field(
-        False, description="false: one text that cannot be scored (empty, not text, a NUL, over MAX_TEXT_CHARS) fails the "
+        False, description="false: one text that cannot be scored (empty, not text, a NUL) fails the "
         "request with 422 naming it; true: that text gets {\"error\": why} in its place in results, the others are "
         "scored, and the answer is 200",
     )
@@ -288,6 +289,7 @@ class Result(BaseModel):
     confidence: float | None = Field(None, description="the probability of the label given")
     prob_positive: float | None = None
     error: str | None = Field(None, description="only with per_text_errors: why this text was not scored")
+    truncated: bool | None = Field(None, description="true: the text was longer than MAX_TEXT_CHARS and its start was scored")
 
 
 class Summary(BaseModel):
@@ -434,13 +436,14 @@ def field_of(body, i):
 
 
 def texts_of(body, limits):
-    """The texts of a request, checked against the limits (cleaned when it asks for that), and {index: why} for those
-    that cannot be scored; without per_text_errors a ServiceError names the first of them instead."""
+    """(the texts of a request, checked against the limits and cleaned when it asks for that; {index: why} for those
+    that cannot be scored; the indices of those cut to MAX_TEXT_CHARS). Without per_text_errors a ServiceError names
+    the first text that cannot be scored instead."""
     if (body.text is None) == (body.texts is None):
         raise ServiceError(422, "invalid_request", 'give either "text" (one string) or "texts" (a list of strings)')
     if body.texts is not None and not isinstance(body.texts, list):
         raise ServiceError(422, "invalid_request", f'"texts" must be a list of strings, not {type(body.texts).__name__}')
-    texts = [body.text] if body.text is not None else body.texts
+    texts = [body.text] if body.text is not None else list(body.texts)
     if len(texts) > limits.max_texts_per_request:
         raise ServiceError(
             413, "too_many_texts",
@@ -448,18 +451,19 @@ def texts_of(body, limits):
         )
     if not texts:
         raise ServiceError(422, "invalid_request", '"texts" is empty: give at least one text')
-    problems = {}
+    problems, cut = {}, set()
     for i, text in enumerate(texts):
         problem = text_problem(text)
-        if problem is None and len(text) > limits.max_text_chars:
-            problem = f"{len(text):,} characters; the limit is {limits.max_text_chars:,} (MAX_TEXT_CHARS)"
+        if problem is None and len(text) > limits.max_text_chars:  # the model reads its first few hundred tokens anyway
+            texts[i] = text = text[:limits.max_text_chars]
+            cut.add(i)
         if problem is None and body.clean and not clean_text(text):
             problem = "empty after cleaning"
         if problem and not body.per_text_errors:
             raise ServiceError(422, "invalid_text", f"{field_of(body, i)}: {problem}")
         if problem:
             problems[i] = f"{field_of(body, i)}: {problem}"
-    return [clean_text(text) if body.clean and i not in problems else text for i, text in enumerate(texts)], problems
+    return [clean_text(text) if body.clean and i not in problems else text for i, text in enumerate(texts)], problems, cut
 
 
 def create_app(checkpoints, limits=None, runtime=None, load=load_models, on_load_failure=None):
@@ -530,7 +534,7 @@ def create_app(checkpoints, limits=None, runtime=None, load=load_models, on_load
         name = body.model or next(iter(models))
         if name not in models:
             raise ServiceError(404, "unknown_model", f"no model named {name!r}; served: {', '.join(models)}")
-        texts, problems = texts_of(body, limits)
+        texts, problems, cut = texts_of(body, limits)
         good = [i for i in range(len(texts)) if i not in problems]
         results = [{"error": problems[i]} if i in problems else None for i in range(len(texts))]  # None: filled in below
         for i, result in zip(good, await pool.results(models[name], [texts[i] for i in good])):
@@ -538,6 +542,8 @@ def create_app(checkpoints, limits=None, runtime=None, load=load_models, on_load
                 if not body.per_text_errors:
                     raise result
                 result = {"error": f"{field_of(body, i)}: {result.message}"}
+            elif i in cut:
+                result = {**result, "truncated": True}
             results[i] = result
         scored = [result for result in results if "error" not in result]
         positive = sum(result["label"] for result in scored)
