@@ -196,3 +196,15 @@ def test_bettafish_s_own_switch_and_an_analyzer_not_yet_started(checkpoint, monk
     result = waiting.analyze_single_text("好开心")
     assert result.sentiment_label == "未初始化" and not result.success and "initialize()" in result.error_message
     assert waiting.get_model_info()["device"] == "未设置"
+
+
+@pytest.mark.parametrize("rows", [15 * 50, 500])  # search_topic_globally: 15 tables x 50 rows; a comment query: 500
+def test_insightengine_s_largest_queries_are_scored_in_full(server, checkpoint, rows):
+    texts = [f"{TEXTS[i % len(TEXTS)]}{i}" for i in range(rows)]
+    analyzer = WeiboSentimentAnalyzer(url=server.url)
+    assert analyzer.initialize()
+    analysis = analyzer.analyze_query_results([{"content": text, "note_id": i} for i, text in enumerate(texts)])["sentiment_analysis"]
+    assert analysis["success_rate"] == f"{rows}/{rows}" and len(analysis["high_confidence_results"]) == rows
+    expected = Classifier.load(checkpoint, mixed_precision="no").predict(texts)
+    got = {entry["original_data"]["note_id"]: entry["confidence"] for entry in analysis["high_confidence_results"]}
+    assert all(got[i] == pytest.approx(want["confidence"], abs=1e-5) for i, want in enumerate(expected))
