@@ -542,3 +542,41 @@ def test_mediacrawler_weibo_note_scored_where_created_after_and_edited_posts_res
     for note_id, content, sentiment, prob_positive in rows:
         want = classifier.predict([content])[0]
         assert sentiment == want["sentiment"] and abs(prob_positive - want["prob_positive"]) < 1e-5, (note_id, content)
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql", "mariadb"])
+def test_a_post_a_recrawl_blanks_loses_its_old_sentiment(checkpoint, tmp_path, database, request):
+    url = f"sqlite:///{tmp_path / 'crawl.db'}" if database == "sqlite" else request.getfixturevalue(f"{database.replace('postgresql', 'postgres')}_url")
+    engine = _crawl_table(url, rows=20)
+    args = ("--input", url, "--table", "weibo_note", "--id-column", "note_id", "--checkpoint", checkpoint)
+    assert summary(score(*args)) == {"read": 20, "scored": 18, "skipped": 0, "bad": 2}
+    with engine.begin() as connection:
+        connection.execute(sa.text("update weibo_note set content = '' where note_id = 5"))
+    assert summary(score(*args)) == {"read": 20, "scored": 0, "skipped": 19, "bad": 1}
+    join = sa.text("select s.id from weibo_note n join weibo_note_sentiment s on s.id = n.note_id where n.note_id = 5")
+    with engine.connect() as connection:
+        assert connection.execute(join).all() == []  # the docs' JOIN returns no stale sentiment for it
+        assert connection.execute(sa.text("select count(*) from weibo_note_sentiment_bad where id = 5")).scalar() == 1
+    engine.dispose()
+
+
+def test_on_mariadb_the_output_ids_keep_the_source_collation_and_a_text_against_a_number_is_refused(checkpoint, mariadb_url):
+    engine = sa.create_engine(mariadb_url)
+    with engine.begin() as connection:
+        for name in ("weibo_note_sentiment_bad", "weibo_note_sentiment", "weibo_note"):
+            connection.execute(sa.text(f"drop table if exists {name}"))
+        connection.execute(sa.text("create table weibo_note (note_id varchar(64) collate utf8mb4_bin, content longtext, "
+                                   "create_time bigint) character set utf8mb4 collate utf8mb4_unicode_ci"))
+    frame = posts(12)
+    frame["note_id"] = frame["note_id"].astype(str)
+    frame["create_time"] = 1_795_000_000
+    frame.to_sql("weibo_note", engine, if_exists="append", index=False)
+    args = ("--input", mariadb_url, "--table", "weibo_note", "--id-column", "note_id", "--checkpoint", checkpoint)
+    result = score(*args, "--where", "create_time >= '2026-11-24'", expect=2)
+    assert "create_time is a BIGINT column compared with the text '2026-11-24'" in result.stderr and "2026" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "weibo_note_sentiment" not in sa.inspect(engine).get_table_names()
+    assert summary(score(*args))["scored"] == 10
+    join = sa.text("select count(*) from weibo_note n join weibo_note_sentiment s on s.id = n.note_id")  # no mix of collations
+    with engine.connect() as connection:
+        assert connection.execute(join).scalar() == 10
+    engine.dispose()

@@ -13,6 +13,7 @@ import importlib
 import json
 import numbers
 import os
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -196,6 +197,8 @@ class TableSource:
                 raise DataError(f"{table}: no column '{column}' ({option}); its columns: {', '.join(self.table.c.keys())}")
         self.id, self.text = self.table.c[id_column], self.table.c[text_column]
         self.where = where_clause(where)
+        if where and self.engine.dialect.name in ("mysql", "mariadb"):
+            check_text_against_numbers(where, self.table)
         self.name = f"{table}"
         try:
             with self.engine.connect() as connection:
@@ -208,6 +211,25 @@ class TableSource:
 
     def count(self):
         return self.rows
+
+    def id_type_for_join(self):
+        """The id column's type for an output table beside this one, so that a JOIN on the ids compares like with like:
+        on MySQL and MariaDB a text id keeps its column's collation (one taken from the database's default instead
+        fails the JOIN with "Illegal mix of collations")."""
+        import sqlalchemy as sa
+
+        id_type = self.id.type
+        if not isinstance(id_type, sa.String) or self.engine.dialect.name not in ("mysql", "mariadb"):
+            return id_type
+        from sqlalchemy.dialects.mysql import VARCHAR
+
+        with self.engine.connect() as connection:
+            found = connection.execute(sa.text(
+                "SELECT CHARACTER_SET_NAME, COLLATION_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() "
+                "AND TABLE_NAME = :table AND COLUMN_NAME = :column"), {"table": self.table.name, "column": self.id.name}).first()
+        if not found or not found[1]:
+            return id_type
+        return VARCHAR(id_type.length or 255, charset=found[0], collation=found[1])
 
     def chunks(self, size):
         import sqlalchemy as sa
@@ -279,6 +301,34 @@ def condition_problem(where):
     if depth:
         return f"{depth} '(' never closed"
     return None
+
+
+COMPARED_WITH_TEXT = re.compile(r"([A-Za-z_][\w.]*)\s*(?:=|<>|!=|<=>|<=|>=|<|>)\s*'([^']*)'|'([^']*)'\s*(?:=|<>|!=|<=>|<=|>=|<|>)\s*([A-Za-z_][\w.]*)")
+
+
+def check_text_against_numbers(where, table):
+    """MySQL and MariaDB compare a number column with a string as numbers, reading the string's leading digits
+    ('2026-11-24' is 2026): --where "create_time >= '2026-11-24'" on MediaCrawler's BIGINT seconds matches every row,
+    silently. Such a comparison with a string that is not a number is refused, naming the column and its type."""
+    import sqlalchemy as sa
+
+    for match in COMPARED_WITH_TEXT.finditer(where):
+        column, value = (match.group(1), match.group(2)) if match.group(1) else (match.group(4), match.group(3))
+        name = column.rsplit(".", 1)[-1]
+        if name not in table.c or not isinstance(table.c[name].type, (sa.Integer, sa.Numeric, sa.Float)):
+            continue
+        try:
+            float(value)
+        except ValueError:
+            raise DataError(
+                f"--where \"{where}\": {name} is a {table.c[name].type} column compared with the text '{value}', which MySQL and "
+                f"MariaDB read as the number {value_as_mysql_number(value)} (so the condition matches rows it should not); "
+                f"compare it with a number (MediaCrawler's create_time is seconds since 1970: date -d {value} +%s)") from None
+
+
+def value_as_mysql_number(value):
+    digits = re.match(r"\s*[-+]?\d*\.?\d*", value).group(0).strip()
+    return digits if digits not in ("", "-", "+", ".") else "0"
 
 
 def database_message(error):
@@ -448,6 +498,11 @@ class TableSink:
 
     def write(self, results, bad):
         with self.engine.begin() as connection:  # one transaction: the chunk is in, or none of it
+            # a row now bad (a re-crawl blanked its text) loses the result of its old text: no query returns it as current
+            for model, rows in bad[bad["id"].notna()].groupby("model"):
+                keys = self._ids(rows["id"].tolist())
+                for start in range(0, len(keys), 1000):
+                    connection.execute(self.table.delete().where(self.table.c.model == model, self.table.c.id.in_(keys[start:start + 1000])))
             for statement, frame in ((self._insert_results(), results), (self.bad.insert(), bad)):
                 if len(frame):
                     records = frame.astype(object).where(frame.notna(), None).to_dict("records")  # plain Python values
@@ -676,7 +731,7 @@ def _open_sink(cfg, source):
         table = cfg.output_table or (f"{cfg.table}_sentiment" if cfg.table else "")
         if not table:
             raise DataError(f"--output {safe_url(output)} is a database: name the table with --output-table")
-        id_type = source.id.type if isinstance(source, TableSource) and safe_url(output) == safe_url(cfg.input) else None
+        id_type = source.id_type_for_join() if isinstance(source, TableSource) and safe_url(output) == safe_url(cfg.input) else None
         return TableSink(output, table, id_type)
     _check_not_inside_input(cfg, output)
     if str(output).endswith(".csv"):
@@ -979,7 +1034,8 @@ def score_spark(cfg, checkpoint, model):
     counts["skipped"] = read - counts["scored"] - counts["bad"]
     if sink is not None:
         # rows whose text changed: JDBC only appends, so their old results go first
-        replaced = good.select("id").join(recorded.where(F.col("is_result")).select("id"), "id", "left_semi").collect()
+        # rows now bad (a re-crawl blanked them): their old results go too, so no query returns a stale sentiment
+        replaced = scored.select("id").join(recorded.where(F.col("is_result")).select("id"), "id", "left_semi").collect()
         sink.delete_results(model, [row.id for row in replaced])
         # SQLite takes one writer at a time: one partition writes it
         writers = {"numPartitions": "1"} if sink.engine.dialect.name == "sqlite" else {}
