@@ -1,5 +1,6 @@
 """serve.py as a real server on a loopback port, spoken to over HTTP."""
 import json
+import os
 import signal
 import socket
 import threading
@@ -329,3 +330,23 @@ def test_a_client_that_leaves_mid_body_is_no_server_error(server):
     time.sleep(0.5)
     assert server.post({"text": "好开心"}).status_code == 200
     assert server.metric('weibo_senti_errors_total{kind="internal"}') == before
+
+
+def test_the_api_page_renders_its_operations_with_the_internet_cut_off(server):
+    """/docs in a real headless Chromium whose resolver knows no host but the loopback: the page's script and style
+    come from serve.py itself (the swagger-ui-bundle package), not from a CDN."""
+    import shutil
+    import subprocess
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        if os.environ.get("CI"):
+            pytest.fail("no chromium: .ci/run installs it (apt-get install chromium)")
+        pytest.skip("no chromium here (apt-get install chromium)")
+    page = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--virtual-time-budget=20000",
+         "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", "--dump-dom", server.url + "/docs"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert "opblock" in page.stdout and "/api/sentiment" in page.stdout, page.stderr[-2000:]
+    assert "cdn.jsdelivr.net" not in httpx.get(server.url + "/docs").text

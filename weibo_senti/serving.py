@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
@@ -478,7 +478,9 @@ def create_app(checkpoints, limits=None, runtime=None, load=load_models, on_load
         yield
         pool.stop()
 
-    app = FastAPI(
+    # FastAPIOffline: FastAPI whose /docs and /redoc pages load their script and style from this server (the
+    # fastapi-offline package), not from a CDN that a server without internet, or behind a firewall, cannot reach
+    app = FastAPIOffline(
         title="Weibo sentiment",
         description="Sentiment of Weibo posts (negative / positive) with the classifiers of this toolkit.",
         lifespan=lifespan,
