@@ -1,7 +1,9 @@
 """Shared code of the three Weibo sentiment methods: data, models, training loop, checkpoints, console."""
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+_PACKAGE = Path(__file__).resolve().parent
+# a clone (or pip install -e): the repository around the package; an installed copy: what it carries of it (pyproject.toml)
+REPO_ROOT = _PACKAGE.parent if (_PACKAGE.parent / "models" / "classifiers").is_dir() else _PACKAGE / "repo"
 FINE_TUNING_DEFAULTS_FILE = "fine_tuning.json"  # in a base model folder: settings measured best on it, per method
 
 

@@ -41,7 +41,12 @@ class CheckpointError(UserError):
 
 
 def method_module(name):
-    return importlib.import_module(METHOD_MODULES[name])
+    try:
+        return importlib.import_module(METHOD_MODULES[name])
+    except ModuleNotFoundError as error:  # an installed copy carries adapter_tuning/ under weibo_senti.repo
+        if error.name != METHOD_MODULES[name].split(".")[0]:
+            raise
+        return importlib.import_module(f"weibo_senti.repo.{METHOD_MODULES[name]}")
 
 
 def _previous(path):
