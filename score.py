@@ -19,16 +19,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from weibo_senti import cli, scoring  # noqa: E402
 from weibo_senti.predict import Classifier, default_scoring_classifier, fit_to_device, runtime_options  # noqa: E402
+from weibo_senti.bettafish import BETTAFISH_DATABASE, bettafish_database_url  # noqa: E402
 from weibo_senti.checkpoint import model_name  # noqa: E402
 
-INPUT = ""  # a .csv / .jsonl / .parquet file, a folder or glob of them, or a SQLAlchemy database URL
-OUTPUT = ""  # a Parquet folder, a .csv file, or a SQLAlchemy URL (default for a database input: the same database)
+INPUT = ""  # a .csv / .jsonl / .parquet file, a folder or glob of them, a SQLAlchemy database URL, or bettafish: the database BettaFish's settings name (DATABASE_URL or its DB_* variables)
+OUTPUT = ""  # a Parquet folder, a .csv file, a SQLAlchemy URL or bettafish (default for a database input: the same database)
 TABLE = ""  # the input table, for a database input
 ID_COLUMN = "id"  # the column with each post's unique id
 TEXT_COLUMN = "content"  # the column with the text to score
 WHERE = ""  # an SQL condition on the input table, e.g. "create_time > 1793491200" (MediaCrawler: seconds since 1970)
 OUTPUT_TABLE = ""  # the output table, for a database output (default: <TABLE>_sentiment)
-CHECKPOINT = ""  # checkpoint folder (default: adapter_tuning's best, or until you have trained one the shipped 4-layer student: the fastest within 1 point of the best)
+CHECKPOINT = ""  # checkpoint folder (default: adapter_tuning's best, or until you have trained one the shipped classifier that serve.py and the analyzer use: the fastest within 1 point of it on people's labels is itself)
 ENGINE = "local"  # local, or spark (mapInPandas; files or a database table through JDBC in, a Parquet folder or a table out)
 MASTER = "local[*]"  # Spark master URL, for --engine spark
 SPARK_MEMORY = "1g"  # heap of Spark's driver and of each executor (the JVM's; the model lives in the Python workers)
@@ -42,6 +43,7 @@ BACKEND = "auto"  # torch, onnx (ONNX Runtime fp32), onnx-int8, or auto: PyTorch
 
 def main():
     cfg = cli.parse_config(globals())
+    cfg.input, cfg.output = (bettafish_database_url() if value == BETTAFISH_DATABASE else value for value in (cfg.input, cfg.output))
     if not cfg.input:
         raise scoring.DataError("--input is needed: a file, a folder or glob of files, or a database URL (see --help)")
     if cfg.engine not in ("local", "spark"):

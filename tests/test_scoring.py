@@ -580,3 +580,19 @@ def test_on_mariadb_the_output_ids_keep_the_source_collation_and_a_text_against_
     with engine.connect() as connection:
         assert connection.execute(join).scalar() == 10
     engine.dispose()
+
+
+@pytest.mark.parametrize("database", ["postgresql", "mariadb"])
+def test_bettafish_s_own_database_settings_name_the_input(checkpoint, database, request):
+    url = sa.make_url(request.getfixturevalue("postgres_url" if database == "postgresql" else "mariadb_url"))
+    engine = _crawl_table(url.render_as_string(hide_password=False), rows=12)
+    settings = {"DB_DIALECT": "postgresql" if database == "postgresql" else "mysql", "DB_HOST": url.host, "DB_PORT": str(url.port),
+                "DB_USER": url.username, "DB_PASSWORD": url.password or "", "DB_NAME": url.database}
+    result = run_script(SCORE, "--input", "bettafish", "--table", "weibo_note", "--id-column", "note_id", "--checkpoint", checkpoint,
+                        *FP32, env_extra=settings)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert summary(result) == {"read": 12, "scored": 10, "skipped": 0, "bad": 2}
+    assert "weibo_note_sentiment" in sa.inspect(engine).get_table_names()
+    engine.dispose()
+    unset = run_script(SCORE, "--input", "bettafish", "--table", "weibo_note", env_extra={"DB_HOST": ""})
+    assert unset.returncode == 2 and "DB_HOST" in unset.stderr and "DATABASE_URL" in unset.stderr

@@ -258,3 +258,29 @@ class WeiboSentimentAnalyzer:
             "is_initialized": self.is_initialized,
             "device": str(self.classifier.model.device) if self.classifier is not None else self.url or "未设置",
         }
+
+
+BETTAFISH_DATABASE = "bettafish"  # score.py --input / --output: the database BettaFish's own settings name
+
+
+def bettafish_database_url(environ=None):
+    """The database URL BettaFish builds from its settings (InsightEngine/utils/db.py): DATABASE_URL, else DB_DIALECT
+    (mysql or postgresql), DB_HOST, DB_PORT, DB_USER, DB_PASSWORD and DB_NAME, from the environment (as BettaFish's .env
+    sets them)."""
+    from urllib.parse import quote_plus
+
+    from . import UserError
+
+    environ = os.environ if environ is None else environ
+    if environ.get("DATABASE_URL"):
+        return environ["DATABASE_URL"]
+    missing = [name for name in ("DB_HOST", "DB_USER", "DB_NAME") if not environ.get(name)]
+    if missing:
+        raise UserError(f"--input {BETTAFISH_DATABASE}: BettaFish's database settings are not in the environment ({', '.join(missing)} "
+                        "unset): export DATABASE_URL, or DB_DIALECT, DB_HOST, DB_PORT, DB_USER, DB_PASSWORD and DB_NAME "
+                        "(set -a; . /path/to/BettaFish/.env; set +a)")
+    dialect = environ.get("DB_DIALECT", "mysql").lower()
+    driver = "postgresql+asyncpg" if dialect in ("postgresql", "postgres") else "mysql+aiomysql"
+    port = f":{environ['DB_PORT']}" if environ.get("DB_PORT") else ""
+    return (f"{driver}://{environ['DB_USER']}:{quote_plus(environ.get('DB_PASSWORD', ''))}@{environ['DB_HOST']}{port}/"
+            f"{environ['DB_NAME']}")
