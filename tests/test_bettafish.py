@@ -1,5 +1,7 @@
 """BettaFish's analyzer contract (InsightEngine/tools/sentiment_analyzer.py), checked from its documented interface, and
 the serve.py client it uses, against a real server on loopback."""
+import subprocess
+import sys
 import time
 
 import httpx
@@ -141,9 +143,6 @@ def test_the_client_splits_by_count_and_bytes_and_reports_each_bad_text(server, 
 
 def test_the_client_waits_for_a_server_that_is_still_starting(checkpoint):
     port = free_port()
-    import subprocess
-    import sys
-
     process = subprocess.Popen([sys.executable, str(REPO_ROOT / "serve.py"), "--checkpoint", str(checkpoint), "--port", str(port),
                                 "--log-level", "warning", "--mixed-precision", "no", "--backend", "torch"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -208,3 +207,35 @@ def test_insightengine_s_largest_queries_are_scored_in_full(server, checkpoint, 
     expected = Classifier.load(checkpoint, mixed_precision="no").predict(texts)
     got = {entry["original_data"]["note_id"]: entry["confidence"] for entry in analysis["high_confidence_results"]}
     assert all(got[i] == pytest.approx(want["confidence"], abs=1e-5) for i, want in enumerate(expected))
+
+
+def test_one_post_gets_one_answer_from_the_analyzer_and_from_score_py(server, checkpoint, tmp_path):
+    """A stand-in with InsightEngine's call pattern (the module-level analyzer the docs' swap makes, then
+    analyze_query_results over a query's rows) and score.py over the same 50 posts in a table: the same model, the same
+    confidences, and labels that agree (the analyzer's level is read off score.py's label and confidence by the bands)."""
+    import sqlalchemy as sa
+
+    from weibo_senti.checkpoint import model_name
+
+    posts = pd.DataFrame({"note_id": range(1, 51), "content": [f"{TEXTS[i]}{i}" for i in range(50)]})
+    url = f"sqlite:///{tmp_path / 'media_crawler.db'}"
+    posts.to_sql("weibo_note", sa.create_engine(url), index=False)
+
+    multilingual_sentiment_analyzer = WeiboSentimentAnalyzer(url=server.url)  # the line the docs' swap writes
+    multilingual_sentiment_analyzer.initialize()
+    rows = posts.to_dict("records")  # what InsightEngine's query tools hand to _perform_sentiment_analysis
+    analysis = multilingual_sentiment_analyzer.analyze_query_results(rows, text_field="content", min_confidence=0.5)["sentiment_analysis"]
+    by_post = {entry["original_data"]["note_id"]: entry for entry in analysis["high_confidence_results"]}
+
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "score.py"), "--input", url, "--table", "weibo_note", "--id-column",
+                           "note_id", "--checkpoint", str(checkpoint), "--mixed-precision", "no", "--backend", "torch"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with sa.create_engine(url).connect() as connection:
+        stored = connection.execute(sa.text("select id, label, sentiment, confidence, model from weibo_note_sentiment")).all()
+    assert len(stored) == len(by_post) == 50
+    assert {model for *_, model in stored} == {multilingual_sentiment_analyzer.get_model_info()["model_name"]} == {model_name(checkpoint)}
+    for note_id, label, sentiment, confidence, _ in stored:
+        entry = by_post[int(note_id)]
+        assert entry["confidence"] == pytest.approx(confidence, abs=1e-5)
+        assert entry["sentiment"] == level_of(label, confidence, DEFAULT_BANDS) and sentiment == ("正面" if label else "负面")
