@@ -4,7 +4,8 @@ python results/human_labels/summarize.py --runs runs
 
 For a run: its best/ as train.py left it (epoch chosen and calibration fitted on one half of weibo2018's 1,500 fixed
 validation posts), scored on the other 750, as they are and without tags, and on weibo_senti_100k's validation texts
-without tags. A shipped classifier (trained on weibo_senti_100k alone) is scored on the same 750 posts.
+without tags. A shipped classifier trained on weibo_senti_100k alone is scored on the same 750 posts. A run of an
+earlier summary whose folder is gone (an earlier session's) keeps its row as that summary measured it.
 """
 import argparse
 import json
@@ -20,7 +21,8 @@ from weibo_senti.calibration import calibration_error, calibration_halves  # noq
 from weibo_senti.checkpoint import atomic_file, read_info, write_json_atomic  # noqa: E402
 from weibo_senti.data import HUMAN_DATA, HUMAN_SPLIT_SEED, load_labelled_csv, split_human, strip_emoticons  # noqa: E402
 
-SHIPPED = ["adapter_tuning", "bert_lora", "e5_student_4layers"]
+SHIPPED = ["adapter_tuning_distant", "bert_lora", "e5_student_4layers"]  # trained on weibo_senti_100k alone
+SHIPPED_AS = {"adapter_b_init": "adapter_tuning"}  # run -> the models/classifiers/ folder its best/ was copied to, by the rule
 
 
 def figures(classifier, texts, labels):
@@ -66,6 +68,10 @@ def main():
                "distant_val_texts": info.get("data_rows", {}).get("val")}
         rows.append(row)
         print(json.dumps(row, ensure_ascii=False), file=sys.stderr)
+    earlier = json.loads((HERE / "runs.json").read_text(encoding="utf-8")) if (HERE / "runs.json").is_file() else []
+    measured = {row["run"] for row in rows}
+    rows += [{**row, "kept_from_an_earlier_summary": True} for row in earlier
+             if row["run"] not in measured and not row["run"].startswith("shipped ")]
     write_json_atomic(HERE / "runs.json", rows)
     with atomic_file(HERE / "runs.md") as out:
         out.write("# Every run, on people's labels\n\n`python results/human_labels/summarize.py --runs runs` (the runs of `runs.sh`, each "
@@ -77,10 +83,14 @@ def main():
                   "held-out acc, no tags | distant acc, no tags (texts) |\n|---|---|---|---|---|---|---|---|---|---|\n")
         for row in sorted(rows, key=lambda r: -r["held_out"]["accuracy"]):
             h, n = row["held_out"], row["held_out_no_tags"]
+            shipped = f" (shipped as `{SHIPPED_AS[row['run']]}`)" if row["run"] in SHIPPED_AS else ""
+            name = row["run"] + shipped + (" ¹" if row.get("kept_from_an_earlier_summary") else "")
             distant = f"{row['distant_val_no_tags_accuracy']:.4f} ({row['distant_val_texts']:,})" if row["distant_val_no_tags_accuracy"] else ""
-            out.write(f"| {row['run']} | {row['method']} | {row['human_train']:,} | {row['distant_share']} | {row['epoch']} | "
+            out.write(f"| {name} | {row['method']} | {row['human_train']:,} | {row['distant_share']} | {row['epoch']} | "
                       f"**{h['accuracy']:.4f}** | {h['recall_negative']:.3f} / {h['recall_positive']:.3f} | {h['calibration_error']:.3f} | "
                       f"{n['accuracy']:.4f} | {distant} |\n")
+        if any(row.get("kept_from_an_earlier_summary") for row in rows):
+            out.write("\n¹ Run in an earlier session; its folder is gone, its row is as that session's summary measured it.\n")
         out.write("\nCommands:\n\n" + "".join(f"- `{row['run']}`: `{row['command']}`\n" for row in rows if row["command"]))
     print(f"wrote {HERE / 'runs.md'}")
 
