@@ -22,7 +22,7 @@ BANDS_ONLY = False  # keep the temperature and bias; fit only the five levels' e
 
 def main(argv=None):
     cfg = cli.parse_config(globals(), argv, positional=("checkpoints", "checkpoint folders to calibrate"))
-    from weibo_senti.calibration import calibrate_checkpoint, fit_bands_of_checkpoint, run_validation_rows
+    from weibo_senti.training import calibrate_checkpoint, fit_bands_of_checkpoint, run_validation_rows
     from weibo_senti.checkpoint import read_info
 
     if not cfg.checkpoints:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from weibo_senti import UserError, cli, repo_relative  # noqa: E402
-from weibo_senti.calibration import SPLIT_KEYS, run_validation_rows  # noqa: E402
+from weibo_senti.training import SPLIT_KEYS, run_validation_rows  # noqa: E402
 from weibo_senti.checkpoint import read_info, write_json_atomic  # noqa: E402
 from weibo_senti.data import detailed_scores, strip_emoticons  # noqa: E402
 from weibo_senti.predict import Classifier  # noqa: E402

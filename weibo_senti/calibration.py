@@ -11,14 +11,12 @@ and reported on the other half, with and without tags. Where the run had human-l
 fitted on half of those instead, as they are and without tags together: their labels are people's, not the tags'. checkpoint.json keeps them and that report; every prediction
 path (predict.py, serve.py, score.py, compare.py) applies them.
 """
-from pathlib import Path
-
 import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 from sklearn.model_selection import train_test_split
 
-from .data import expected_calibration_error, strip_emoticons
+from .data import expected_calibration_error
 
 TEMPERATURE_RANGE = (0.05, 20.0)
 MIN_TEXTS = 200  # fewer validation texts than this: nothing is fitted (T stays 1, the bias 0); on fewer it fits noise
@@ -43,25 +41,6 @@ def calibration_halves(val_rows, seed):
         return val_rows.iloc[:0], val_rows
     stratify = val_rows["label"] if val_rows["label"].value_counts().min() >= 2 else None
     return train_test_split(val_rows, test_size=0.5, stratify=stratify, random_state=seed)
-
-
-SPLIT_KEYS = ("data", "seed", "val_fraction", "max_samples")  # what of a run's record fixes its validation rows
-
-
-def run_validation_rows(checkpoint, info, data=""):
-    """The validation rows of the run that trained `checkpoint`: its data (or `data`), seed, fraction and subset, as its
-    checkpoint.json (`info`) records them."""
-    from . import REPO_ROOT, UserError
-    from .data import load_labelled_csv, split_train_val
-
-    run = info.get("run", {})
-    if not set(SPLIT_KEYS) <= run.keys():
-        raise UserError(f"{checkpoint}: its checkpoint.json does not record the run's data and split, so its validation "
-                        "texts are unknown; retrain it with train.py (which calibrates by itself)")
-    path = Path(data or run["data"])
-    table, _ = load_labelled_csv(path if path.is_absolute() or data else REPO_ROOT / path)
-    _, val = split_train_val(table, float(run["val_fraction"]), int(run["seed"]), int(run["max_samples"]))
-    return val
 
 
 def _logits(probabilities):
@@ -144,63 +123,11 @@ def calibration_error(probabilities, labels):
     return expected_calibration_error(probabilities.max(axis=1), probabilities.argmax(axis=1) == np.asarray(labels))
 
 
-def _report(probabilities, labels):
+def report(probabilities, labels):
     labels = np.asarray(labels)
     said = probabilities.argmax(axis=1)
     return {"calibration_error": round(calibration_error(probabilities, labels), 4), "accuracy": round(float((said == labels).mean()), 4),
             "recall": [round(float((said[labels == label] == label).mean()), 4) for label in (0, 1)]}
-
-
-def calibrate(classifier, val_rows, seed, batch_size=64, as_they_are=False):
-    """Fit the classifier's bias and temperature on half of `val_rows` without tags (as_they_are: and as they are, both
-    together: for labels that people gave, which the tags did not decide); returns checkpoint.json's "calibration"
-    record, or None when there are too few texts to fit them."""
-    fit, held_out = calibration_halves(val_rows, seed)
-    if fit.empty:
-        return None
-    kept, (classifier.temperature, classifier.bias) = (classifier.temperature, classifier.bias), (1.0, 0.0)
-    try:
-        texts, labels = fit["review"].map(strip_emoticons).tolist(), fit["label"].tolist()
-        if as_they_are:
-            texts, labels = texts + fit["review"].tolist(), labels + fit["label"].tolist()
-        fitted = classifier.probabilities(texts, batch_size)
-        threshold = recall_balancing_threshold(fitted, labels)
-        temperature = fit_temperature(fitted, labels, threshold)
-        bias = -threshold / temperature
-        held_out_report, held_out_probabilities = {}, {}
-        for name, texts in (("without_tags", held_out["review"].map(strip_emoticons)), ("with_tags", held_out["review"])):
-            probabilities = classifier.probabilities(texts.tolist(), batch_size)
-            held_out_probabilities[name] = apply_calibration(probabilities, temperature, bias)
-            held_out_report[name] = {"before": _report(probabilities, held_out["label"]),
-                                     "after": _report(held_out_probabilities[name], held_out["label"])}
-    finally:
-        classifier.temperature, classifier.bias = kept
-    record = {
-        "temperature": round(temperature, 4),
-        "bias": round(bias, 4),
-        "fitted_on": (f"{len(fit):,} human-labelled validation posts, as they are and without emoticon tags (seed {seed})" if as_they_are
-                      else f"{len(fit):,} validation texts without emoticon tags (seed {seed})"),
-        "held_out": held_out_report,
-        "held_out_texts": len(held_out),
-    }
-    if as_they_are:  # people's labels: the five levels' edges too, on the same posts, reported on the other half
-        bands = fit_bands(apply_calibration(fitted, temperature, bias), labels)
-        both = np.concatenate([held_out_probabilities["with_tags"], held_out_probabilities["without_tags"]])
-        record["bands"] = {**bands, "fitted_on": record["fitted_on"],
-                           "held_out": bands_report(both, np.concatenate([held_out["label"]] * 2), bands)}
-    return record
-
-
-def fit_bands_only(classifier, val_rows, seed, batch_size=64):
-    """checkpoint.json's "bands" for a classifier already calibrated on human-labelled posts: fitted on the same half of
-    `val_rows` as its calibration was, with that calibration applied."""
-    fit, held_out = calibration_halves(val_rows, seed)
-    texts = fit["review"].map(strip_emoticons).tolist() + fit["review"].tolist()
-    bands = fit_bands(classifier.probabilities(texts, batch_size), fit["label"].tolist() * 2)
-    held_texts = held_out["review"].tolist() + held_out["review"].map(strip_emoticons).tolist()
-    report = bands_report(classifier.probabilities(held_texts, batch_size), held_out["label"].tolist() * 2, bands)
-    return {**bands, "fitted_on": f"{len(fit):,} human-labelled validation posts, as they are and without emoticon tags "
-                                  f"(seed {seed})", "held_out": report}
 
 
 def describe(record):
@@ -221,36 +148,3 @@ def describe_bands(bands):
     shares = ", ".join(f"{level} {band['share']:.0%}" for level, band in bands["held_out"].items())
     return (f"five levels: 中性 under a confidence of {bands['neutral_below']:.3f}, 非常 from {bands['very_from']:.3f} "
             f"(of the held-out posts: {shares})")
-
-
-def calibrate_checkpoint(folder, val_rows, seed, batch_size=64, say=print, as_they_are=False):
-    """Fit `folder`'s bias and temperature on `val_rows` (the validation rows of the run that trained it) and write it into its
-    checkpoint.json (atomically). Returns the record, or None when there were too few texts."""
-    from .checkpoint import find_checkpoint, read_info, write_info
-    from .predict import Classifier
-
-    folder = find_checkpoint(folder)
-    classifier = Classifier.load(folder, mixed_precision="auto")
-    record = calibrate(classifier, val_rows, seed, batch_size, as_they_are)
-    if record is None:
-        say(f"{folder}: not calibrated (fewer than {MIN_TEXTS} validation texts); confidences are the softmax as it is")
-        return None
-    write_info(folder, {**read_info(folder), "calibration": record})
-    say(f"{folder}: {describe(record)}")
-    return record
-
-
-def fit_bands_of_checkpoint(folder, val_rows, seed, batch_size=64, say=print):
-    """fit_bands_only() for `folder`, written into its checkpoint.json's calibration (atomically)."""
-    from . import UserError
-    from .checkpoint import find_checkpoint, read_info, write_info
-    from .predict import Classifier
-
-    folder = find_checkpoint(folder)
-    info = read_info(folder)
-    if not info.get("calibration"):
-        raise UserError(f"{folder} is not calibrated: run calibrate.py without --bands-only first")
-    bands = fit_bands_only(Classifier.load(folder, mixed_precision="auto"), val_rows, seed, batch_size)
-    write_info(folder, {**info, "calibration": {**info["calibration"], "bands": bands}})
-    say(f"{folder}: {describe_bands(bands)}")
-    return bands

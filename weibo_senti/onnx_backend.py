@@ -32,7 +32,6 @@ from . import UserError
 from .checkpoint import (CheckpointError, atomic_directory, base_model_of, find_checkpoint, model_name, read_info,
                          write_json_atomic)
 from .models import cpu_flags, cpu_kind
-from .predict import BACKENDS
 
 FIDELITY_BAR = 0.995  # the least share of check texts whose int8 label must equal fp32's for `auto` to choose int8
 PROBE_TEXTS = 500  # the first validation texts, tags removed (the uncertain case), on which int8's second-look margin is fitted
@@ -42,6 +41,7 @@ OUTLIER_FACTOR = 3.0  # an input channel peaking above this many times the media
 RECHECK_FACTOR = 1.5  # the second look's margin, in largest changes of P(positive) seen on the probe texts (1 kept every label on 1,000 others)
 EXPORT_FORMAT = 3  # in the cache folder's name: 2 = outlier channels, 7-bit weights and the second look (1 had none); 3 = with the digests of its files and of the base's weights
 OPSET = 17
+BACKENDS = ("auto", "torch", "onnx", "onnx-int8")  # what --backend takes: auto chooses among the other three
 FP32_FILE, INT8_FILE, RECORD_FILE = "model.onnx", "model.int8.onnx", "export.json"
 CACHE_ENV_VAR = "WEIBO_SENTI_ONNX_CACHE"  # where exports go when the checkpoint's folder cannot be written
 

@@ -17,12 +17,12 @@ from . import REPO_ROOT, UserError, tokens
 from .calibration import apply_calibration, calibration_of
 from .checkpoint import CheckpointError, atomic_file, find_checkpoint, load_checkpoint, read_info
 from .data import MISSING_TEXT_MARKERS, DataError, read_csv_text, scores
+from .onnx_backend import BACKENDS
 from .models import (
     PRECISION_DTYPES, MIXED_PRECISIONS, MODELS_DIR, PAD_TO_MULTIPLE_OF, autocast, load_tokenizer, quiet_loading, resolve_mixed_precision, resolve_model,
 )
 from .pooling import use_mean_pooling
 
-BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
 BACKEND_HELP = (
     "what scores the texts: torch; onnx (ONNX Runtime fp32, exported once beside the checkpoint); onnx-int8; auto: PyTorch on a GPU "
     "or a CPU with native bf16, else the fastest path measured on this kind of CPU (int8 only where it gave fp32's labels on >= 99.5%% of "

@@ -30,7 +30,11 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, get_lin
 
 from . import REPO_ROOT, UserError, repo_relative
 from .cli import as_flags, check_ranges
-from .calibration import calibrate_checkpoint, calibration_halves
+from .calibration import (
+    MIN_TEXTS, apply_calibration, bands_report, calibration_halves, describe, describe_bands, fit_bands, fit_temperature,
+    recall_balancing_threshold, report,
+)
+from .card import model_card, write_info_and_card
 from .checkpoint import (
     BASE_FAMILY,
     LOCK_FILE,
@@ -42,7 +46,6 @@ from .checkpoint import (
     method_module,
     read_info,
     write_checkpoint,
-    write_info,
     write_json_atomic,
 )
 from .data import (
@@ -51,6 +54,7 @@ from .data import (
 )
 from .lpft import PROBE_FILE, choose_alpha, fit_linear_probe, interpolate, load_probe_state, parse_alphas, save_probe_state, trainable_tensors
 from .models import MINI_MODELS, OFFLINE_IMPORTS, PAD_TO_MULTIPLE_OF, POOLINGS, fine_tuning_defaults, load_tokenizer, resolve_mixed_precision, resolve_model
+from .predict import Classifier
 
 # settings that must not change between a run and its --resume
 RUN_IDENTITY = (
@@ -200,12 +204,10 @@ def load_teacher(cfg, device):
     """The classifier whose softened probabilities a student learns besides the labels (--teacher), or None."""
     if not getattr(cfg, "teacher", ""):
         return None
-    from .predict import Classifier  # any checkpoint or classifier folder predict.py reads; LoRA merged, for speed
-
     if not Path(cfg.teacher).is_dir():
         raise UserError(f"--teacher {cfg.teacher}: no folder there; give a trained classifier's folder, such as "
                         "models/classifiers/adapter_tuning")
-    teacher = Classifier.load(cfg.teacher, mixed_precision="no")
+    teacher = Classifier.load(cfg.teacher, mixed_precision="no")  # any classifier folder predict.py reads; LoRA merged, for speed
     teacher.model.to(device).requires_grad_(False)
     return teacher
 
@@ -405,9 +407,9 @@ def wise_ft(cfg, method, base_path, tokenizer, settings, val_loaders, chosen_on,
             with atomic_directory(cfg.output_dir / "best_finetuned") as tmp:
                 for file in best_dir.iterdir():
                     shutil.copy2(file, tmp / file.name)
-            write_checkpoint(best_dir, model, tokenizer, info)
+            write_checkpoint(best_dir, model, tokenizer, info, card=model_card(info))
         else:
-            write_info(best_dir, info)
+            write_info_and_card(best_dir, info)
     accelerator.wait_for_everyone()
 
 
@@ -639,10 +641,10 @@ def _run(cfg, method_name, accelerator, why):
             unwrapped = accelerator.unwrap_model(model)
             epoch_info = {**info, "epoch": epoch + 1, "metrics": entry}
             if improved:
-                write_checkpoint(best_dir, unwrapped, tokenizer, epoch_info)
+                write_checkpoint(best_dir, unwrapped, tokenizer, epoch_info, card=model_card(epoch_info))
             training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
                               "selected_by": selected_by, "best_score": best_score}
-            write_checkpoint(last_dir, unwrapped, tokenizer, epoch_info, training_state=training_state)
+            write_checkpoint(last_dir, unwrapped, tokenizer, epoch_info, training_state=training_state, card=model_card(epoch_info))
             write_json_atomic(log_path, log)
             if improved:
                 say(f"new best, saved to {best_dir}")
@@ -657,3 +659,100 @@ def _run(cfg, method_name, accelerator, why):
         else:
             calibrate_checkpoint(best_dir, val_rows, cfg.seed, cfg.batch_size * 2, say)
     return log
+
+
+# ---- the calibration of a trained checkpoint (calibration.py's functions, run on its classifier) ----
+
+SPLIT_KEYS = ("data", "seed", "val_fraction", "max_samples")  # what of a run's record fixes its validation rows
+
+
+def run_validation_rows(checkpoint, info, data=""):
+    """The validation rows of the run that trained `checkpoint`: its data (or `data`), seed, fraction and subset, as its
+    checkpoint.json (`info`) records them."""
+    run = info.get("run", {})
+    if not set(SPLIT_KEYS) <= run.keys():
+        raise UserError(f"{checkpoint}: its checkpoint.json does not record the run's data and split, so its validation "
+                        "texts are unknown; retrain it with train.py (which calibrates by itself)")
+    path = Path(data or run["data"])
+    table, _ = load_labelled_csv(path if path.is_absolute() or data else REPO_ROOT / path)
+    _, val = split_train_val(table, float(run["val_fraction"]), int(run["seed"]), int(run["max_samples"]))
+    return val
+
+
+def calibrate(classifier, val_rows, seed, batch_size=64, as_they_are=False):
+    """Fit the classifier's bias and temperature on half of `val_rows` without tags (as_they_are: and as they are, both
+    together: for labels that people gave, which the tags did not decide); returns checkpoint.json's "calibration"
+    record, or None when there are too few texts to fit them."""
+    fit, held_out = calibration_halves(val_rows, seed)
+    if fit.empty:
+        return None
+    kept, (classifier.temperature, classifier.bias) = (classifier.temperature, classifier.bias), (1.0, 0.0)
+    try:
+        texts, labels = fit["review"].map(strip_emoticons).tolist(), fit["label"].tolist()
+        if as_they_are:
+            texts, labels = texts + fit["review"].tolist(), labels + fit["label"].tolist()
+        fitted = classifier.probabilities(texts, batch_size)
+        threshold = recall_balancing_threshold(fitted, labels)
+        temperature = fit_temperature(fitted, labels, threshold)
+        bias = -threshold / temperature
+        held_out_report, held_out_probabilities = {}, {}
+        for name, texts in (("without_tags", held_out["review"].map(strip_emoticons)), ("with_tags", held_out["review"])):
+            probabilities = classifier.probabilities(texts.tolist(), batch_size)
+            held_out_probabilities[name] = apply_calibration(probabilities, temperature, bias)
+            held_out_report[name] = {"before": report(probabilities, held_out["label"]),
+                                     "after": report(held_out_probabilities[name], held_out["label"])}
+    finally:
+        classifier.temperature, classifier.bias = kept
+    record = {
+        "temperature": round(temperature, 4),
+        "bias": round(bias, 4),
+        "fitted_on": (f"{len(fit):,} human-labelled validation posts, as they are and without emoticon tags (seed {seed})" if as_they_are
+                      else f"{len(fit):,} validation texts without emoticon tags (seed {seed})"),
+        "held_out": held_out_report,
+        "held_out_texts": len(held_out),
+    }
+    if as_they_are:  # people's labels: the five levels' edges too, on the same posts, reported on the other half
+        bands = fit_bands(apply_calibration(fitted, temperature, bias), labels)
+        both = np.concatenate([held_out_probabilities["with_tags"], held_out_probabilities["without_tags"]])
+        record["bands"] = {**bands, "fitted_on": record["fitted_on"],
+                           "held_out": bands_report(both, np.concatenate([held_out["label"]] * 2), bands)}
+    return record
+
+
+def fit_bands_only(classifier, val_rows, seed, batch_size=64):
+    """checkpoint.json's "bands" for a classifier already calibrated on human-labelled posts: fitted on the same half of
+    `val_rows` as its calibration was, with that calibration applied."""
+    fit, held_out = calibration_halves(val_rows, seed)
+    texts = fit["review"].map(strip_emoticons).tolist() + fit["review"].tolist()
+    bands = fit_bands(classifier.probabilities(texts, batch_size), fit["label"].tolist() * 2)
+    held_texts = held_out["review"].tolist() + held_out["review"].map(strip_emoticons).tolist()
+    report = bands_report(classifier.probabilities(held_texts, batch_size), held_out["label"].tolist() * 2, bands)
+    return {**bands, "fitted_on": f"{len(fit):,} human-labelled validation posts, as they are and without emoticon tags "
+                                  f"(seed {seed})", "held_out": report}
+
+
+def calibrate_checkpoint(folder, val_rows, seed, batch_size=64, say=print, as_they_are=False):
+    """Fit `folder`'s bias and temperature on `val_rows` (the validation rows of the run that trained it) and write it into its
+    checkpoint.json (atomically). Returns the record, or None when there were too few texts."""
+    folder = find_checkpoint(folder)
+    classifier = Classifier.load(folder, mixed_precision="auto")
+    record = calibrate(classifier, val_rows, seed, batch_size, as_they_are)
+    if record is None:
+        say(f"{folder}: not calibrated (fewer than {MIN_TEXTS} validation texts); confidences are the softmax as it is")
+        return None
+    write_info_and_card(folder, {**read_info(folder), "calibration": record})
+    say(f"{folder}: {describe(record)}")
+    return record
+
+
+def fit_bands_of_checkpoint(folder, val_rows, seed, batch_size=64, say=print):
+    """fit_bands_only() for `folder`, written into its checkpoint.json's calibration (atomically)."""
+    from . import UserError
+    folder = find_checkpoint(folder)
+    info = read_info(folder)
+    if not info.get("calibration"):
+        raise UserError(f"{folder} is not calibrated: run calibrate.py without --bands-only first")
+    bands = fit_bands_only(Classifier.load(folder, mixed_precision="auto"), val_rows, seed, batch_size)
+    write_info_and_card(folder, {**info, "calibration": {**info["calibration"], "bands": bands}})
+    say(f"{folder}: {describe_bands(bands)}")
+    return bands
