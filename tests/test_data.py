@@ -1,6 +1,5 @@
 import pytest
 
-import tiny
 from weibo_senti.data import (
     DataError, EncodedTexts, load_labelled_csv, make_collate, read_csv_text, split_train_val, strip_emoticons,
 )

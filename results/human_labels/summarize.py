@@ -9,10 +9,10 @@ earlier summary whose folder is gone (an earlier session's) keeps its row as tha
 """
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
-import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
@@ -22,7 +22,8 @@ from weibo_senti.checkpoint import atomic_file, read_info, write_json_atomic  # 
 from weibo_senti.data import HUMAN_DATA, HUMAN_SPLIT_SEED, load_labelled_csv, split_human, strip_emoticons  # noqa: E402
 
 SHIPPED = ["adapter_tuning_distant", "bert_lora", "e5_student_4layers"]  # trained on weibo_senti_100k alone
-SHIPPED_AS = {"adapter_b_init": "adapter_tuning"}  # run -> the models/classifiers/ folder its best/ was copied to, by the rule
+SHIPPED_AS = {"adapter_b_init": "adapter_tuning"}
+CURVE_RECIPES = {"adapter_a_human": "from e5", "adapter_b_init": "from the distant classifier"}  # the learning curve's two starts  # run -> the models/classifiers/ folder its best/ was copied to, by the rule
 
 
 def figures(classifier, texts, labels):
@@ -89,6 +90,18 @@ def main():
             out.write(f"| {name} | {row['method']} | {row['human_train']:,} | {row['distant_share']} | {row['epoch']} | "
                       f"**{h['accuracy']:.4f}** | {h['recall_negative']:.3f} / {h['recall_positive']:.3f} | {h['calibration_error']:.3f} | "
                       f"{n['accuracy']:.4f} | {distant} |\n")
+        curve = {}  # human posts trained -> {recipe: held-out accuracy}, for the runs of one method's two starting points
+        for row in rows:
+            recipe = CURVE_RECIPES.get(re.sub(r"_\d+$", "", row["run"]))  # adapter_a_human_250 -> adapter_a_human
+            if recipe:
+                curve.setdefault(row["human_train"], {})[recipe] = row["held_out"]["accuracy"]
+        if len(curve) > 1:
+            out.write("\n## The learning curve\n\nHeld-out accuracy (the 750 posts above) against the human-labelled posts a run "
+                      "trained on (`--human-samples N`, a stratified subset; the adapter, 3 epochs, people's labels only). "
+                      "TF-IDF + logistic regression on the same posts: `results/human_labels/tfidf.txt`.\n\n"
+                      "| human posts | from e5 | from the distant classifier |\n|---|---|---|\n")
+            for count in sorted(curve):
+                out.write(f"| {count:,} | {curve[count].get('from e5', '')} | {curve[count].get('from the distant classifier', '')} |\n")
         if any(row.get("kept_from_an_earlier_summary") for row in rows):
             out.write("\n¹ Run in an earlier session; its folder is gone, its row is as that session's summary measured it.\n")
         out.write("\nCommands:\n\n" + "".join(f"- `{row['run']}`: `{row['command']}`\n" for row in rows if row["command"]))
