@@ -31,6 +31,7 @@ for n in 250 1000 3000; do
     run adapter_b_init_$n adapter_tuning/train.py --init-from models/classifiers/adapter_tuning_distant --distant-share 0 --max-samples 20000 --human-samples $n
 done
 # bert_lora: the shipped one fine-tuned on people's labels first, then the other two recipes
-run bert_lora_b_init bert_lora/train.py --init-from models/classifiers/bert_lora --distant-share 0 --max-samples 20000
+# (the run named it models/classifiers/bert_lora, as it was shipped then; it won and now is)
+run bert_lora_b_init bert_lora/train.py --init-from models/classifiers/bert_lora_distant --distant-share 0 --max-samples 20000
 run bert_lora_a_human bert_lora/train.py $E5 --distant-share 0 --max-samples 20000
 run bert_lora_c_mixed bert_lora/train.py $E5 --distant-share 0.5

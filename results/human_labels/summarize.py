@@ -21,8 +21,8 @@ from weibo_senti.calibration import calibration_error, calibration_halves  # noq
 from weibo_senti.checkpoint import atomic_file, read_info, write_json_atomic  # noqa: E402
 from weibo_senti.data import HUMAN_DATA, HUMAN_SPLIT_SEED, load_labelled_csv, split_human, strip_emoticons  # noqa: E402
 
-SHIPPED = ["adapter_tuning_distant", "bert_lora", "e5_student_4layers"]  # trained on weibo_senti_100k alone
-SHIPPED_AS = {"adapter_b_init": "adapter_tuning"}
+SHIPPED = ["adapter_tuning_distant", "bert_lora_distant", "e5_student_4layers"]  # trained on weibo_senti_100k alone
+SHIPPED_AS = {"adapter_b_init": "adapter_tuning", "bert_lora_b_init": "bert_lora"}
 CURVE_RECIPES = {"adapter_a_human": "from e5", "adapter_b_init": "from the distant classifier"}  # the learning curve's two starts  # run -> the models/classifiers/ folder its best/ was copied to, by the rule
 
 
