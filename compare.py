@@ -126,7 +126,7 @@ def load_text_sets(cfg):
         raise UserError(f"--extra: two files named {repeated}; the report names each set by its file name, so rename one")
     extra_sets = {}  # read first: a file of one's own is the likeliest to be refused, before 75,000 rows are read
     for path in extras:
-        extra_table, extra_report = load_labelled_csv(path)
+        extra_table, extra_report = load_labelled_csv(path, hint=None)
         print(extra_report)
         texts, labels = extra_table["review"].tolist(), extra_table["label"].to_numpy()
         extra_sets[path.name] = {"texts": texts, "labels": labels}

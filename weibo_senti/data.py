@@ -162,15 +162,16 @@ def read_weibo2018_lines(path):
     return pd.DataFrame({"label": labels, "review": reviews}, index=rows)
 
 
-def load_labelled_csv(path):
+def load_labelled_csv(path, hint=PUBLIC_DATASET_HINT):
     """Read `label,review` (or weibo2018's `mid,label,text` lines, a .txt file), drop the rows that cannot be used and
-    say why. Returns (DataFrame, DataReport); its column `row` is the row number (the line, in a .txt file)."""
+    say why. Returns (DataFrame, DataReport); its column `row` is the row number (the line, in a .txt file). hint: what
+    a missing file's message adds (where the training data comes from; None for a file of one's own, as --extra)."""
     if path.suffix == ".txt":
         raw = read_weibo2018_lines(path)
         report = DataReport(str(path), len(raw), header=False)
         table = pd.DataFrame({"row": raw.index, "label": raw["label"].str.strip(), "review": raw["review"]})
     else:
-        table = read_csv_text(path, hint=PUBLIC_DATASET_HINT if path.name == "weibo_senti_100k.csv" else None)  # a file of one's own: no hint
+        table = read_csv_text(path, hint=hint)
         table.columns = [str(c).strip() for c in table.columns]
         missing = [c for c in ("label", "review") if c not in table.columns]
         if missing:
