@@ -314,7 +314,7 @@ def test_where_is_one_bracketed_read_only_condition(checkpoint, tmp_path, databa
                               ("note_id <= 25 -- (\n) OR (1=1 -- )", "could hide a bracket"),
                               ("(note_id <= 25", "'(' never closed"), ("note_id = 'x", "never closed")]:
         result = score(*args, "--where", escaping, expect=2)
-        assert problem in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert problem in result.stderr and len(result.stderr.strip().splitlines()) == 1 + escaping.count("\n"), result.stderr
     engine.dispose()
 
 
