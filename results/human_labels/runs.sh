@@ -15,11 +15,16 @@ run() {  # name, script, flags...
     python "$script" "$@" --output-dir "$RUNS/$name" --overwrite > "$RUNS/$name.log" 2>&1
 }
 mkdir -p "$RUNS"
+# the classifiers of weibo_senti_100k alone that (b) starts from are not kept in the repository: trained here first
+DISTANT_ADAPTER=${DISTANT_ADAPTER:-$RUNS/adapter_distant/best}
+DISTANT_BERT_LORA=${DISTANT_BERT_LORA:-$RUNS/bert_lora_distant/best}
+run adapter_distant adapter_tuning/train.py $E5 --human-data none
+run bert_lora_distant bert_lora/train.py $E5 --human-data none
 # (a) weibo2018 alone, from e5
 run adapter_a_human adapter_tuning/train.py $E5 --distant-share 0
 # (b) weibo_senti_100k, then weibo2018: the classifier trained on weibo_senti_100k alone (shipped as adapter_tuning until
 # this run won; the run named it by that path) fine-tuned on people's labels
-run adapter_b_init adapter_tuning/train.py --init-from models/classifiers/adapter_tuning_distant --distant-share 0 --max-samples 20000
+run adapter_b_init adapter_tuning/train.py --init-from $DISTANT_ADAPTER --distant-share 0 --max-samples 20000
 # (c) both mixed, half of each epoch's texts from each
 run adapter_c_mixed adapter_tuning/train.py $E5 --distant-share 0.5
 # the student: the shipped 4-layer one fine-tuned on people's labels while distilled from the new default (a
@@ -28,10 +33,10 @@ run student_b_distil bert_lora/train.py --init-from models/classifiers/e5_studen
 # the learning curve: 250, 1,000 and 3,000 human labels, from e5 and from the shipped classifier of weibo_senti_100k
 for n in 250 1000 3000; do
     run adapter_a_human_$n adapter_tuning/train.py $E5 --distant-share 0 --max-samples 20000 --human-samples $n
-    run adapter_b_init_$n adapter_tuning/train.py --init-from models/classifiers/adapter_tuning_distant --distant-share 0 --max-samples 20000 --human-samples $n
+    run adapter_b_init_$n adapter_tuning/train.py --init-from $DISTANT_ADAPTER --distant-share 0 --max-samples 20000 --human-samples $n
 done
 # bert_lora: the shipped one fine-tuned on people's labels first, then the other two recipes
 # (the run named it models/classifiers/bert_lora, as it was shipped then; it won and now is)
-run bert_lora_b_init bert_lora/train.py --init-from models/classifiers/bert_lora_distant --distant-share 0 --max-samples 20000
+run bert_lora_b_init bert_lora/train.py --init-from $DISTANT_BERT_LORA --distant-share 0 --max-samples 20000
 run bert_lora_a_human bert_lora/train.py $E5 --distant-share 0 --max-samples 20000
 run bert_lora_c_mixed bert_lora/train.py $E5 --distant-share 0.5
