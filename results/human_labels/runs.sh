@@ -30,6 +30,11 @@ run adapter_c_mixed adapter_tuning/train.py $E5 --distant-share 0.5
 # the student: the shipped 4-layer one fine-tuned on people's labels while distilled from the new default (a
 # distillation over every weibo_senti_100k text takes hours on 2 cores)
 run student_b_distil bert_lora/train.py --init-from models/classifiers/e5_student_4layers --teacher models/classifiers/adapter_tuning --distant-share 0 --max-samples 20000
+# the student again (2026-12-05, second session): longer, leaning more on the teacher; then with weibo_senti_100k's texts
+# mixed in, where the teacher's probabilities carry most of the loss
+STUDENT="--init-from models/classifiers/e5_student_4layers --teacher models/classifiers/adapter_tuning --distill-weight 0.8"
+run student_b_distil_long bert_lora/train.py $STUDENT --epochs 5 --distant-share 0 --max-samples 20000
+run student_c_distil_mixed bert_lora/train.py $STUDENT --epochs 4 --distant-share 0.5
 # the learning curve: 250, 1,000 and 3,000 human labels, from e5 and from the shipped classifier of weibo_senti_100k
 for n in 250 1000 3000; do
     run adapter_a_human_$n adapter_tuning/train.py $E5 --distant-share 0 --max-samples 20000 --human-samples $n
