@@ -42,4 +42,4 @@ RESUME = False  # continue the run in OUTPUT_DIR from its last finished epoch
 OVERWRITE = False  # replace a run already in OUTPUT_DIR (without it, or --resume, train.py refuses to touch it)
 
 if __name__ == "__main__":
-    cli.main(lambda: training.run(cli.parse_config(globals()), "adapter_tuning"))
+    cli.main(lambda: training.main(globals(), "adapter_tuning"))

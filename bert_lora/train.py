@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from weibo_senti import cli, lora  # noqa: E402
+from weibo_senti import cli, training  # noqa: E402
 
 MODEL = "bert-base-chinese"  # hub id, or a BERT-family folder written by save_pretrained
 DATA = Path(os.environ.get("WEIBO_SENTI_DATA", "dataset/weibo_senti_100k.csv"))  # label,review CSV (or env WEIBO_SENTI_DATA)
@@ -46,4 +46,4 @@ OVERWRITE = False  # replace a run already in OUTPUT_DIR (without it, or --resum
 MERGE_TO = ""  # after training, also write best/ merged into a standalone model folder here
 
 if __name__ == "__main__":
-    cli.main(lambda: lora.main(globals(), "bert_lora"))
+    cli.main(lambda: training.main(globals(), "bert_lora"))

@@ -44,3 +44,13 @@ def test_each_layer_imports_without_what_lies_above_it(layer, above):
                             capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
     assert loaded.returncode == 0, loaded.stderr
     assert not [name for name in above if f"weibo_senti.{name}" in loaded.stdout.split()]
+
+
+@pytest.mark.parametrize("method", ["adapter_tuning", "bert_lora"])
+def test_loading_a_classifier_imports_nothing_of_training(trained, method):
+    """The model knows nothing of training: a checkpoint becomes a Classifier without training.py, its card or LP-FT."""
+    code = ("import sys; from weibo_senti.predict import Classifier; "
+            f"Classifier.load({str(trained(method)[0] / 'best')!r}, backend='torch'); print(' '.join(sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr
+    assert not [name for name in ("training", "card", "lpft") if f"weibo_senti.{name}" in loaded.stdout.split()]

@@ -12,7 +12,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import UserError, cli, training
+from . import UserError, cli
 from .calibration import calibration_of
 from .checkpoint import atomic_directory, load_checkpoint, require_files
 from .models import BASE_SETTINGS, HEAD_MODULES, load_base_classifier, quiet_loading
@@ -73,7 +73,7 @@ def describe(model):
     )
 
 
-def _check_merge_destination(checkpoint_dir, destination):
+def check_merge_destination(checkpoint_dir, destination):
     """A merged model replaces only an earlier merged model or an empty folder: never a user's files, and never the
     checkpoint itself or a folder that holds it."""
     destination, checkpoint_dir = Path(destination).resolve(), Path(checkpoint_dir).resolve()
@@ -96,7 +96,7 @@ MERGED_MODEL_FILES = {"config.json", "generation_config.json", "model.safetensor
 
 def export_merged(checkpoint_dir, destination):
     """Fold LoRA into the base weights (in fp32) and save a standalone model that needs no PEFT to load."""
-    destination = _check_merge_destination(checkpoint_dir, destination)
+    destination = check_merge_destination(checkpoint_dir, destination)
     model, tokenizer, info = load_checkpoint(checkpoint_dir)
     if not hasattr(model, "merge_and_unload"):
         raise UserError(f"{checkpoint_dir} is a {info['method']} checkpoint: only LoRA checkpoints (lora, bert_lora) merge into their base")
@@ -109,16 +109,6 @@ def export_merged(checkpoint_dir, destination):
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return destination
-
-
-def main(script_globals, method_name):
-    """train.py of lora/ and bert_lora/: train, then optionally write the merged model (--merge-to)."""
-    cfg = cli.parse_config(script_globals)
-    if cfg.merge_to:  # refused before training, not after
-        _check_merge_destination(Path(cfg.output_dir) / "best", Path(cfg.merge_to))
-    training.run(cfg, method_name)
-    if cfg.merge_to:
-        print(f"merged model written to {export_merged(cfg.output_dir / 'best', Path(cfg.merge_to))}")
 
 
 if __name__ == "__main__":

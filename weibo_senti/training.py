@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, get_linear_schedule_with_warmup
 
 from . import REPO_ROOT, UserError, repo_relative
-from .cli import as_flags, check_ranges
+from .cli import as_flags, check_ranges, parse_config
 from .calibration import (
     MIN_TEXTS, apply_calibration, bands_report, calibration_halves, describe, describe_bands, fit_bands, fit_temperature,
     recall_balancing_threshold, report,
@@ -756,3 +756,15 @@ def fit_bands_of_checkpoint(folder, val_rows, seed, batch_size=64, say=print):
     write_info_and_card(folder, {**info, "calibration": {**info["calibration"], "bands": bands}})
     say(f"{folder}: {describe_bands(bands)}")
     return bands
+
+
+def main(script_globals, method_name):
+    """What each train.py runs: its constants and flags, the training, and for LoRA --merge-to the merged model."""
+    cfg = parse_config(script_globals)
+    merge_to = getattr(cfg, "merge_to", "")
+    if merge_to:  # refused before training, not after
+        from .lora import check_merge_destination, export_merged
+        check_merge_destination(Path(cfg.output_dir) / "best", Path(merge_to))
+    run(cfg, method_name)
+    if merge_to:
+        print(f"merged model written to {export_merged(cfg.output_dir / 'best', Path(merge_to))}")
