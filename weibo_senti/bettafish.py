@@ -123,7 +123,7 @@ class WeiboSentimentAnalyzer:
                 self.classifier = Classifier.load(checkpoint, mixed_precision=self.mixed_precision)
                 self.model_id = model_name(checkpoint)
                 info = read_info(checkpoint) if (Path(checkpoint) / "checkpoint.json").is_file() else {}
-                self.bands = (info.get("calibration") or {}).get("bands")
+                self.bands = self._edges((info.get("calibration") or {}).get("bands"))
         except Exception as error:
             self.disable(f"cannot start sentiment analysis: {type(error).__name__}: {error}", drop_state=True)
             self.start_failed_at = time.monotonic()
@@ -143,21 +143,27 @@ class WeiboSentimentAnalyzer:
             except ServiceUnavailable as error:  # up but loading (503): wait; down: fail now, try again later
                 if error.status != 503 or time.monotonic() > waiting_until:
                     raise
+                time.sleep(1.0)
         chosen = [m for m in served if m["name"] == self.model] if self.model else [m for m in served if m.get("default")]
         if not chosen:
             raise ValueError(f"the server serves no model named {self.model!r}: {', '.join(m['name'] for m in served)}")
-        self.model_id, self.bands = chosen[0]["model_id"], chosen[0].get("bands")
+        self.model_id, self.bands = chosen[0]["model_id"], self._edges(chosen[0].get("bands"))
 
     def _close(self):
         if self.client is not None:
             self.client.close()
         self.client = self.classifier = None
 
-    def _label(self, label, confidence):
-        bands = {**DEFAULT_BANDS, **{k: v for k, v in (self.bands or {}).items() if k in DEFAULT_BANDS}}
+    def _edges(self, model_bands):
+        """The edges the levels are read with, once per start: the model's own (else the defaults), neutral_below over them."""
+        bands = {**DEFAULT_BANDS, **{k: v for k, v in (model_bands or {}).items() if k in DEFAULT_BANDS}}
         if self.neutral_below is not None:
             bands["neutral_below"] = self.neutral_below
             bands["very_from"] = max(bands["very_from"], self.neutral_below)
+        return bands
+
+    def _label(self, label, confidence):
+        bands = self.bands
         if self.levels == 2:
             return POSITIVE if label == 1 else NEGATIVE
         if self.levels == 3:
