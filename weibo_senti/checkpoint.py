@@ -30,7 +30,7 @@ METHOD_MODULES = {
     "adapter_tuning": "adapter_tuning.adapter",
     "lora": "weibo_senti.lora",
     "bert_lora": "weibo_senti.lora",
-    "full_finetune": "bench.full_finetune",  # the reference every weight of which trains, for comparisons only
+    "full_finetune": "studies.full_finetune.full_finetune",  # the reference every weight of which trains, for comparisons only
 }
 BASE_FAMILY = {"adapter_tuning": "gpt2", "lora": "gpt2", "bert_lora": "bert", "full_finetune": "bert"}
 

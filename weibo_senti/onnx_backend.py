@@ -2,7 +2,7 @@
 ONNX Runtime's dynamic quantization), cached beside it in onnx/<model id>/ with each path's measured speed and the int8
 model's fidelity, and run through an InferenceSession. predict.Classifier chooses it with backend=...
 
-The int8 path keeps fp32's labels by three means, each measured in docs/results.md#int8-that-keeps-fp32s-labels:
+The int8 path keeps fp32's labels by three means, each measured in docs/results/int8.md#int8-that-keeps-fp32s-labels:
 - outlier channels: an input channel of a weight matrix whose peak over CALIBRATION_TEXTS training texts is over
   OUTLIER_FACTOR times the median channel's is multiplied in fp32 beside the int8 product (LLM.int8()'s decomposition),
   so that one scale per activation tensor no longer spends its 256 levels on a few channels;

@@ -261,7 +261,7 @@ def _mixed_precision(cfg):
 
 def predict_max_length(base_path, max_length):
     """Where prediction cuts texts: the training cut, or the longer one measured better on this base (its
-    fine_tuning.json's "predict": {"max_length"}; for e5, results/length.md), within the base's positions."""
+    fine_tuning.json's "predict": {"max_length"}; for e5, studies/length/results.md), within the base's positions."""
     measured = fine_tuning_defaults(base_path, "predict").get("max_length", max_length)
     config = AutoConfig.from_pretrained(base_path)
     positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or measured
