@@ -35,6 +35,11 @@ run student_b_distil bert_lora/train.py --init-from models/classifiers/e5_studen
 STUDENT="--init-from models/classifiers/e5_student_4layers --teacher models/classifiers/adapter_tuning --distill-weight 0.8"
 run student_b_distil_long bert_lora/train.py $STUDENT --epochs 5 --distant-share 0 --max-samples 20000
 run student_c_distil_mixed bert_lora/train.py $STUDENT --epochs 4 --distant-share 0.5
+# (b) and (c) together (2026-12-05): the classifier of weibo_senti_100k alone fine-tuned on people's labels with a
+# quarter of each epoch's texts still drawn from weibo_senti_100k, so that it forgets less of what those taught
+run adapter_bc_init_mixed adapter_tuning/train.py --init-from $DISTANT_ADAPTER --distant-share 0.25
+# (a) with e5's recipe: mean pooling, the "query: " prefix, LP-FT, then WiSE-FT toward the pretrained features
+run adapter_a_e5_lpft adapter_tuning/train.py $E5 --distant-share 0 --max-samples 20000 --pooling mean --text-prefix "query: " --linear-probe 4000 --wise-alphas 0,0.25,0.5,0.75
 # the learning curve: 250, 1,000 and 3,000 human labels, from e5 and from the shipped classifier of weibo_senti_100k
 for n in 250 1000 3000; do
     run adapter_a_human_$n adapter_tuning/train.py $E5 --distant-share 0 --max-samples 20000 --human-samples $n
