@@ -95,3 +95,18 @@ def test_merging_never_deletes_a_users_files_and_takes_only_lora(trained, tmp_pa
     with pytest.raises(UserError, match="only LoRA checkpoints"):
         lora.export_merged(trained("adapter_tuning")[0] / "best", tmp_path / "adapter_merged")
     assert not (tmp_path / "adapter_merged").exists()
+
+
+def test_train_py_writes_the_merged_model_after_training_when_asked(tiny_models, weibo_csv, tmp_path):
+    from conftest import FAST, TRAIN_SCRIPTS, run_script
+
+    merged = tmp_path / "merged"
+    result = run_script(TRAIN_SCRIPTS["bert_lora"], "--model", tiny_models["bert"], "--data", weibo_csv, "--human-data", "none",
+                        "--output-dir", tmp_path / "run", "--merge-to", merged, *FAST)
+    assert result.returncode == 0, result.stderr
+    assert f"merged model written to {merged}" in result.stdout
+    standalone = Classifier.load(merged, backend="torch")
+    assert not isinstance(standalone.model, PeftModel)
+    unmerged = Classifier.load(tmp_path / "run" / "best", backend="torch").predict(TEXTS)
+    for alone, peft in zip(standalone.predict(TEXTS), unmerged):
+        assert alone["label"] == peft["label"] and alone["prob_positive"] == pytest.approx(peft["prob_positive"], abs=1e-4)
