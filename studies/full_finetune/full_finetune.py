@@ -13,7 +13,7 @@ from weibo_senti.models import load_base_classifier  # noqa: E402
 
 MODEL = "intfloat/multilingual-e5-small"  # hub id, or a folder written by save_pretrained
 DATA = Path(os.environ.get("WEIBO_SENTI_DATA", "dataset/weibo_senti_100k.csv"))  # label,review CSV (or env WEIBO_SENTI_DATA)
-OUTPUT_DIR = Path("bench/full_finetune_output")  # best/ (best epoch without emoticon tags), last/ (for --resume), training_log.json
+OUTPUT_DIR = Path("studies/full_finetune/output")  # best/ (best epoch without emoticon tags), last/ (for --resume), training_log.json
 EPOCHS = 1  # passes over the training rows
 BATCH_SIZE = 32  # texts per step (per process)
 LR = 5e-5  # AdamW peak learning rate
