@@ -22,8 +22,8 @@ from weibo_senti.checkpoint import atomic_file, read_info, write_json_atomic  # 
 from weibo_senti.data import HUMAN_DATA, HUMAN_SPLIT_SEED, load_labelled_csv, split_human, strip_emoticons  # noqa: E402
 
 SHIPPED = ["e5_student_4layers"]  # trained on weibo_senti_100k alone
-SHIPPED_AS = {"adapter_b_init": "adapter_tuning", "bert_lora_b_init": "bert_lora"}
-CURVE_RECIPES = {"adapter_a_human": "from e5", "adapter_b_init": "from the distant classifier"}  # the learning curve's two starts  # run -> the models/classifiers/ folder its best/ was copied to, by the rule
+SHIPPED_AS = {"adapter_b_init": "adapter_tuning", "bert_lora_b_init": "bert_lora"}  # run -> the models/classifiers/ folder its best/ was copied to, by the rule
+CURVE_RECIPES = {"adapter_a_human": "from e5", "adapter_b_init": "from the distant classifier"}  # the learning curve's two starts
 
 
 def figures(classifier, texts, labels):
@@ -59,7 +59,7 @@ def main():
             continue
         classifier = Classifier.load(folder)
         metrics = info.get("metrics", {})
-        row = {"run": name, "method": info["method"], "checkpoint": repo_relative(folder), "epoch": info.get("epoch"),
+        row = {"run": name, "method": info["method"], "checkpoint": repo_relative(folder) if folder.is_relative_to(REPO_ROOT) else f"runs/{folder.parent.name}/best", "epoch": info.get("epoch"),
                "command": commands.get(name, ""), "init_from": info.get("init_from", ""),
                "human_train": info.get("data_rows", {}).get("human_train", 0),
                "distant_share": info.get("run", {}).get("distant_share", "(weibo_senti_100k only)"),
