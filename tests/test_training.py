@@ -280,6 +280,7 @@ def test_a_student_cut_to_its_first_layer_learns_from_a_teacher_and_reloads(trai
     assert log[-1]["train_loss"] < log[0]["train_loss"] and all(math.isfinite(entry["train_loss"]) for entry in log)
     info = json.loads((tmp_path / "best" / "checkpoint.json").read_text(encoding="utf-8"))
     assert info["method_settings"]["base_layers"] == 1 and info["run"]["teacher"] == str(teacher)
+    assert f"distilled from `{teacher}`" in (tmp_path / "best" / "README.md").read_text(encoding="utf-8")  # the card says so
     student = Classifier.load(tmp_path / "best")
     assert student.model.config.num_hidden_layers == 1
     assert student.predict(["今天好开心"])[0]["label"] in (0, 1)

@@ -30,6 +30,9 @@ def model_card(info):
         about += f" on `{run.get('data', 'its data')}` ({rows['train']:,} training rows, {rows['val']:,} validation)"
     if info.get("init_from"):
         about += f", starting from the trained `{info['init_from']}`"
+    if run.get("teacher"):
+        about += (f", distilled from `{run['teacher']}` ({run.get('distill_weight')} of the loss on its probabilities at "
+                  f"temperature {run.get('distill_temperature')}, the rest on the labels)")
     if "epoch" in info:
         selected = info.get("selected_by") or {}
         about += f", the best epoch by {selected.get('rule', 'validation macro-F1')} (epoch {info['epoch']} of {run.get('epochs', info['epoch'])}"
