@@ -11,7 +11,9 @@ run() {  # name, script, flags...
     local name=$1 script=$2; shift 2
     [ "$ONLY" != "  " ] && [[ "$ONLY" != *" $name "* ]] && return
     [ -f "$RUNS/$name/best/checkpoint.json" ] && grep -q '"calibration"' "$RUNS/$name/best/checkpoint.json" && return
-    echo "$(date -u +%FT%TZ) $name: python $script $*" >> "$RUNS/commands.log"
+    local shown="" arg
+    for arg in "$@"; do [[ "$arg" == *" "* ]] && shown+=" \"$arg\"" || shown+=" $arg"; done  # "query: " stays quoted
+    echo "$(date -u +%FT%TZ) $name: python $script$shown" >> "$RUNS/commands.log"
     python "$script" "$@" --output-dir "$RUNS/$name" --overwrite > "$RUNS/$name.log" 2>&1
 }
 mkdir -p "$RUNS"

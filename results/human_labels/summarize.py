@@ -21,8 +21,12 @@ from weibo_senti.calibration import calibration_error, calibration_halves  # noq
 from weibo_senti.checkpoint import atomic_file, read_info, write_json_atomic  # noqa: E402
 from weibo_senti.data import HUMAN_DATA, HUMAN_SPLIT_SEED, load_labelled_csv, split_human, strip_emoticons  # noqa: E402
 
-SHIPPED = ["e5_student_4layers"]  # trained on weibo_senti_100k alone
-SHIPPED_AS = {"adapter_b_init": "adapter_tuning", "bert_lora_b_init": "bert_lora"}  # run -> the models/classifiers/ folder its best/ was copied to, by the rule
+SHIPPED = []  # models/classifiers/ folders trained on weibo_senti_100k alone, measured as candidates (none left: each was replaced)
+SHIPPED_AS = {"adapter_b_init": "adapter_tuning", "bert_lora_b_init": "bert_lora",
+              "student_c_distil_mixed": "e5_student_4layers"}  # run -> the models/classifiers/ folder its best/ was copied to, by the rule
+REPLACED = {"shipped adapter_tuning_distant": "shipped as `adapter_tuning` until 2026-12-04",
+            "shipped bert_lora_distant": "shipped as `bert_lora` until 2026-12-05",
+            "shipped e5_student_distant": "shipped as `e5_student_4layers` until 2026-12-05"}  # rows of classifiers since replaced
 CURVE_RECIPES = {"adapter_a_human": "from e5", "adapter_b_init": "from the distant classifier"}  # the learning curve's two starts
 
 
@@ -48,7 +52,7 @@ def main():
     if (args.runs / "commands.log").is_file():
         for line in (args.runs / "commands.log").read_text(encoding="utf-8").splitlines():
             name, command = line.split(" ", 1)[1].split(": ", 1)
-            commands[name] = command
+            commands[name] = command.replace(f"{args.runs.resolve()}/", "runs/")  # no machine's paths in the results
     candidates = [(f"shipped {name}", REPO_ROOT / "models" / "classifiers" / name) for name in SHIPPED]
     candidates += [(run.name, run / "best") for run in sorted(args.runs.iterdir()) if (run / "best" / "checkpoint.json").is_file()]
     rows = []
@@ -85,6 +89,7 @@ def main():
         for row in sorted(rows, key=lambda r: -r["held_out"]["accuracy"]):
             h, n = row["held_out"], row["held_out_no_tags"]
             shipped = f" (shipped as `{SHIPPED_AS[row['run']]}`)" if row["run"] in SHIPPED_AS else ""
+            shipped = f" ({REPLACED[row['run']]})" if row["run"] in REPLACED else shipped
             name = row["run"] + shipped + (" ¹" if row.get("kept_from_an_earlier_summary") else "")
             distant = f"{row['distant_val_no_tags_accuracy']:.4f} ({row['distant_val_texts']:,})" if row["distant_val_no_tags_accuracy"] else ""
             out.write(f"| {name} | {row['method']} | {row['human_train']:,} | {row['distant_share']} | {row['epoch']} | "
@@ -103,7 +108,7 @@ def main():
             for count in sorted(curve):
                 out.write(f"| {count:,} | {curve[count].get('from e5', '')} | {curve[count].get('from the distant classifier', '')} |\n")
         if any(row.get("kept_from_an_earlier_summary") for row in rows):
-            out.write("\n¹ Run in an earlier session; its folder is gone, its row is as that session's summary measured it.\n")
+            out.write("\n¹ Measured by an earlier summary, whose row this is: an earlier session's run whose folder is gone, or a classifier since replaced.\n")
         out.write("\nCommands:\n\n" + "".join(f"- `{row['run']}`: `{row['command']}`\n" for row in rows if row["command"]))
     print(f"wrote {HERE / 'runs.md'}")
 
