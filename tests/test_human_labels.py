@@ -85,6 +85,16 @@ def test_init_from_starts_from_a_trained_checkpoint_and_takes_its_settings(train
     assert log[0]["val_no_emoticons_accuracy"] >= fresh[0]["val_no_emoticons_accuracy"] - 0.05
 
 
+def test_init_from_a_lora_checkpoint_twice_saves_each_head_module_once(trained, tiny_models, weibo_csv, human_txt, tmp_path):
+    start = trained("lora")[0] / "best"
+    for name in ("once", "twice"):
+        train("lora", tiny_models["gpt2"], weibo_csv, tmp_path / name, "--human-data", str(human_txt), "--distant-share", "0",
+              "--epochs", "1", "--init-from", str(start))
+        start = tmp_path / name / "best"
+    saved = json.loads((start / "adapter_config.json").read_text(encoding="utf-8"))["modules_to_save"]
+    assert sorted(saved) == sorted(set(saved)) and "score" in saved
+
+
 def test_init_from_refuses_another_method_and_contradicting_flags(trained, tiny_models, weibo_csv, human_txt, tmp_path):
     lora = trained("lora")[0] / "best"
     with pytest.raises(UserError, match="a lora checkpoint; adapter_tuning/train.py starts only from adapter_tuning ones"):

@@ -56,6 +56,9 @@ def build(base_path, tokenizer, settings, weights_from=None):
 
 
 def save(model, directory):
+    config = model.peft_config["default"]
+    # PEFT adds the SEQ_CLS head's names to modules_to_save again each time a checkpoint is loaded (--init-from)
+    config.modules_to_save = list(dict.fromkeys(config.modules_to_save or []))
     # the vocabulary is always the base's own; saying so spares PEFT a look for the base's config (cwd or hub)
     model.save_pretrained(directory, save_embedding_layers=False)
 
