@@ -30,7 +30,7 @@ BASE_LAYERS = 0  # keep only the base's first N transformer layers (0 = all): a 
 POOLING = "cls"  # what the head reads: cls (BERT's pooler on [CLS], GPT-2's last token) or mean (the mean of the token vectors, BERT-family bases; e5's way)
 TEXT_PREFIX = ""  # put before every text, in training and prediction alike ("passage: " is e5's for texts)
 LINEAR_PROBE = 0  # LP-FT: first fit the head on the frozen model's features of this many training texts (0 = off)
-WISE_ALPHAS = ""  # WiSE-FT (needs LINEAR_PROBE): scales of the update to try, e.g. "0,0.25,0.5,0.75" ("" = off; 1 is always tried)
+WISE_ALPHAS = ""  # WiSE-FT back toward LINEAR_PROBE's model or INIT_FROM's classifier: alphas to try, e.g. "0,0.25,0.5,0.75" ("" = off; 1 is always tried)
 WISE_TOLERANCE = 0.003  # WiSE-FT keeps the smallest alpha within this much validation accuracy without tags of the best
 TEACHER = ""  # a trained checkpoint to distil from: the loss adds a KL term to its softened probabilities ("" = off)
 DISTILL_WEIGHT = 0.5  # with TEACHER: share of the loss that is the KL term to the teacher (the rest: cross-entropy on the labels)

@@ -2,6 +2,8 @@
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 import tiny
 from conftest import REPO_ROOT, run_script, train
@@ -83,6 +85,20 @@ def test_init_from_starts_from_a_trained_checkpoint_and_takes_its_settings(train
     fresh = train("adapter_tuning", tiny_models["gpt2"], weibo_csv, tmp_path / "fresh", "--human-data", str(human_txt),
                   "--distant-share", "0", "--epochs", "1")
     assert log[0]["val_no_emoticons_accuracy"] >= fresh[0]["val_no_emoticons_accuracy"] - 0.05
+
+
+def test_wise_ft_after_init_from_goes_back_toward_the_classifier_it_started_from(trained, tiny_models, weibo_csv, human_txt, tmp_path):
+    start = trained("adapter_tuning")[0] / "best"
+    output = tmp_path / "tuned"
+    # a tolerance this wide keeps the smallest alpha: 0, the starting classifier's own weights
+    train("adapter_tuning", tiny_models["gpt2"], weibo_csv, output, "--human-data", str(human_txt), "--distant-share", "0",
+          "--epochs", "1", "--init-from", str(start), "--wise-alphas", "0,0.5", "--wise-tolerance", "0.99")
+    record = json.loads((output / "best" / "checkpoint.json").read_text(encoding="utf-8"))["wise_ft"]
+    assert record["alpha"] == 0 and str(start) in record["toward"] and [row["alpha"] for row in record["candidates"]] == [0, 0.5, 1]
+    started, now = load_file(start / "adapter_model.safetensors"), load_file(output / "best" / "adapter_model.safetensors")
+    assert started.keys() == now.keys() and all(torch.allclose(started[name], now[name]) for name in started)
+    fine_tuned = load_file(output / "best_finetuned" / "adapter_model.safetensors")
+    assert not all(torch.allclose(started[name], fine_tuned[name]) for name in started)
 
 
 def test_init_from_a_lora_checkpoint_twice_saves_each_head_module_once(trained, tiny_models, weibo_csv, human_txt, tmp_path):

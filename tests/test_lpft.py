@@ -87,6 +87,16 @@ def test_interpolation_scales_the_update_and_moves_the_head_from_the_probe():
     assert torch.all(model.classifier.weight == 2.5)  # probe + 0.25 x (fine-tuned - probe)
 
 
+def test_interpolation_from_a_trained_classifier_moves_every_tensor_from_where_it_started():
+    model = torch.nn.Module()
+    model.layer = torch.nn.Module()
+    model.layer.lora_B = torch.nn.ModuleDict({"default": torch.nn.Linear(2, 2, bias=False)})
+    finetuned = {name: torch.full_like(p, 4.0) for name, p in model.named_parameters()}
+    start = {name: torch.full_like(p, 2.0) for name, p in model.named_parameters()}
+    interpolate(model, finetuned, start, 0.25, scale_updates=False)
+    assert torch.all(model.layer.lora_B["default"].weight == 2.5)  # start + 0.25 x (fine-tuned - start), not 0.25 x fine-tuned
+
+
 def test_choose_alpha_takes_the_smallest_within_the_tolerance():
     rows = [{"alpha": 0.0, "accuracy": 0.70}, {"alpha": 0.5, "accuracy": 0.798}, {"alpha": 1.0, "accuracy": 0.80}]
     assert choose_alpha(rows, 0.003) == 0.5
@@ -96,7 +106,7 @@ def test_choose_alpha_takes_the_smallest_within_the_tolerance():
 
 @pytest.mark.parametrize("flags, message", [
     (["--wise-alphas", "0,1.5", "--linear-probe", "10"], "between 0 and 1"),
-    (["--wise-alphas", "0.5"], "needs --linear-probe"),
+    (["--wise-alphas", "0.5"], "needs --linear-probe N .* or --init-from"),
     (["--pooling", "max"], "--pooling max"),
 ])
 def test_bad_recipe_settings_are_named_before_any_work(tiny_models, weibo_csv, tmp_path, flags, message):

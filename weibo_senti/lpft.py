@@ -5,8 +5,10 @@ linear probe, a logistic regression), so that fine-tuning starts from a head tha
 pretrained features less. WiSE-FT (Wortsman et al., CVPR 2022): after it, move back toward the linear-probe model by a
 factor alpha: the update of each adapter or LoRA layer is scaled by alpha (its last projection, adapter `up` and
 `lora_B`, times alpha) and every other trained tensor (the head) is interpolated, probe + alpha * (fine-tuned - probe).
-alpha is chosen on the validation texts without tags by a rule that favours the pretrained features; the weights are
-saved with alpha applied, so the checkpoint loads, merges and exports like any other, and checkpoint.json keeps alpha.
+A run that started from a trained classifier (--init-from) moves back toward it instead: every trained tensor is
+interpolated, start + alpha * (fine-tuned - start), so alpha 0 is that classifier, which new labels must not make forget
+all it knew. alpha is chosen on the texts that chose the epoch by a rule that favours the start; the weights are saved
+with alpha applied, so the checkpoint loads, merges and exports like any other, and checkpoint.json keeps alpha.
 """
 import numpy as np
 import torch
@@ -18,7 +20,8 @@ from tqdm.auto import tqdm
 from . import UserError
 from .models import HEAD_MODULES
 
-PROBE_FILE = "linear_probe.safetensors"  # in OUTPUT_DIR: the trained tensors as fine-tuning started, for WiSE-FT
+PROBE_FILE = "linear_probe.safetensors"  # in OUTPUT_DIR: the trained tensors as fine-tuning started (the probe's, or
+# the --init-from classifier's), for WiSE-FT
 UPDATE_ENDS = (".lora_B.", ".adapter.up.")  # the tensors whose output is an adapter's or a LoRA layer's whole update
 
 
@@ -86,16 +89,17 @@ def save_probe_state(model, path):
 
 def load_probe_state(path):
     if not path.is_file():
-        raise UserError(f"--wise-alphas: {path} is missing; it is written when a run with --linear-probe starts, and "
-                        "WiSE-FT interpolates toward it")
+        raise UserError(f"--wise-alphas: {path} is missing; it is written when a run with --linear-probe or --init-from "
+                        "starts, and WiSE-FT interpolates toward it")
     return load_file(path)
 
 
 @torch.no_grad()
-def interpolate(model, finetuned, probe, alpha):
-    """Set the model's trained tensors to the WiSE-FT mix at `alpha` of the fine-tuned and the linear-probe ones."""
+def interpolate(model, finetuned, probe, alpha, scale_updates=True):
+    """Set the model's trained tensors to the WiSE-FT mix at `alpha` of the fine-tuned and the starting ones (`probe`);
+    scale_updates=False for a start with trained adapters or LoRA layers, whose updates are interpolated too."""
     for name, parameter in trainable_tensors(model).items():
-        if any(end in name for end in UPDATE_ENDS):
+        if scale_updates and any(end in name for end in UPDATE_ENDS):
             parameter.copy_(alpha * finetuned[name])
         elif name in probe:
             parameter.copy_(probe[name] + alpha * (finetuned[name] - probe[name]))

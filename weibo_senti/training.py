@@ -329,8 +329,9 @@ def check_against_model(cfg, base_path, method, settings):
                         "model's head reads its last token. Use --pooling cls")
     if getattr(cfg, "wise_alphas", ""):
         parse_alphas(cfg.wise_alphas)
-    if getattr(cfg, "wise_alphas", "") and not getattr(cfg, "linear_probe", 0):
-        raise UserError("--wise-alphas (WISE_ALPHAS): WiSE-FT interpolates toward the linear-probe model, so it needs --linear-probe N")
+    if getattr(cfg, "wise_alphas", "") and not getattr(cfg, "linear_probe", 0) and not getattr(cfg, "init_from", ""):
+        raise UserError("--wise-alphas (WISE_ALPHAS): WiSE-FT interpolates toward the model fine-tuning starts from, so it needs "
+                        "--linear-probe N (the linear-probe model) or --init-from CHECKPOINT (a trained classifier)")
     if hasattr(method, "check"):
         method.check(skeleton, settings)
 
@@ -376,13 +377,14 @@ def wise_ft(cfg, method, base_path, tokenizer, settings, val_loaders, chosen_on,
     model = method.build(base_path, tokenizer, settings, weights_from=best_dir).to(accelerator.device)
     finetuned = {name: tensor.detach().clone() for name, tensor in trainable_tensors(model).items()}
     probe = load_probe_state(cfg.output_dir / PROBE_FILE)
+    scale_updates = "init_from" not in info  # from a trained classifier: its adapters or LoRA layers are interpolated too
     candidates = []
     for alpha in parse_alphas(cfg.wise_alphas):
         if alpha == 1 and f"{chosen_on}_fit_accuracy" in info["metrics"]:  # as its epoch scored it (else, an earlier version's: again)
             metrics = {key.removeprefix(f"{chosen_on}_"): value for key, value in info["metrics"].items()
                        if key.startswith(f"{chosen_on}_") and not key.startswith(f"{chosen_on}_no_emoticons")}
         else:
-            interpolate(model, finetuned, probe, alpha)
+            interpolate(model, finetuned, probe, alpha, scale_updates)
             with accelerator.autocast():  # the precision the epochs were scored in, as alpha 1 was
                 metrics = evaluate(model, val_loaders[chosen_on], accelerator, fit_positions)
         candidates.append({"alpha": alpha, **{key: round(value, 4) for key, value in metrics.items()}})
@@ -391,10 +393,11 @@ def wise_ft(cfg, method, base_path, tokenizer, settings, val_loaders, chosen_on,
     alpha = choose_alpha(candidates, cfg.wise_tolerance, key="fit_accuracy")
     texts = "human-labelled posts" if chosen_on == "human_val" else "validation texts without tags"
     rule = f"the smallest alpha whose accuracy on the {texts} the confidence is fitted on is within {cfg.wise_tolerance:g} of the best"
-    info["wise_ft"] = {"alpha": alpha, "rule": rule, "candidates": candidates}
-    say(f"WiSE-FT: alpha {alpha:g} ({rule})")
+    toward = f"the --init-from classifier {info['init_from']}" if not scale_updates else "the linear-probe model"
+    info["wise_ft"] = {"alpha": alpha, "toward": toward, "rule": rule, "candidates": candidates}
+    say(f"WiSE-FT toward {toward}: alpha {alpha:g} ({rule})")
     if alpha < 1:
-        interpolate(model, finetuned, probe, alpha)
+        interpolate(model, finetuned, probe, alpha, scale_updates)
         chosen = next(row for row in candidates if row["alpha"] == alpha)
         updated = {f"{chosen_on}_{key}": value for key, value in chosen.items() if key != "alpha"}
         with accelerator.autocast():
@@ -530,8 +533,8 @@ def _run(cfg, method_name, accelerator, why):
         probe = {"texts": min(cfg.linear_probe, len(train_set)), "train_accuracy": round(fit, 4), "seconds": round(time.perf_counter() - started, 1)}
         say(f"linear probe (LP-FT): head fitted on the frozen model's features of {probe['texts']:,} training texts, "
             f"accuracy on them {fit:.4f} ({probe['seconds']:.0f}s)")
-        if accelerator.is_main_process:
-            save_probe_state(model, cfg.output_dir / PROBE_FILE)
+    if resume_dir is None and accelerator.is_main_process and (probe or (init_dir is not None and getattr(cfg, "wise_alphas", ""))):
+        save_probe_state(model, cfg.output_dir / PROBE_FILE)  # where WiSE-FT goes back to
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr)
     model, optimizer, train_loader, *prepared_val = accelerator.prepare(model, optimizer, train_loader, *val_loaders.values())

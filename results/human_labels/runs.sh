@@ -52,3 +52,6 @@ done
 run bert_lora_b_init bert_lora/train.py --init-from $DISTANT_BERT_LORA --distant-share 0 --max-samples 20000
 run bert_lora_a_human bert_lora/train.py $E5 --distant-share 0 --max-samples 20000
 run bert_lora_c_mixed bert_lora/train.py $E5 --distant-share 0.5
+# (b) then WiSE-FT back toward the classifier of weibo_senti_100k it started from (2026-12-05, third session), so that
+# people's labels do not make it forget all that weibo_senti_100k taught
+run adapter_b_init_wise adapter_tuning/train.py --init-from $DISTANT_ADAPTER --distant-share 0 --max-samples 20000 --wise-alphas 0.25,0.5,0.75,0.9 --wise-tolerance 0.005
