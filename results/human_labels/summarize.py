@@ -64,7 +64,7 @@ def main():
         classifier = Classifier.load(folder)
         metrics = info.get("metrics", {})
         row = {"run": name, "method": info["method"], "checkpoint": repo_relative(folder) if folder.is_relative_to(REPO_ROOT) else f"runs/{folder.parent.name}/best", "epoch": info.get("epoch"),
-               "command": commands.get(name, ""), "init_from": info.get("init_from", ""),
+               "command": commands.get(name, ""), "init_from": info.get("init_from", "").replace(f"{args.runs.resolve()}/", "runs/"),
                "human_train": info.get("data_rows", {}).get("human_train", 0),
                "distant_share": info.get("run", {}).get("distant_share", "(weibo_senti_100k only)"),
                "held_out": figures(classifier, texts, labels),
