@@ -17,7 +17,9 @@ import json
 import os
 import platform
 import pstats
+import site
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -103,7 +105,12 @@ def main():
     if profile:
         text = io.StringIO()
         pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(25)
-        results["profile_top25_own_time"] = text.getvalue().splitlines()
+        # no machine's paths in the results: the repository's files relative to it, installed packages under
+        # site-packages/, the standard library under python/ (site-packages first: it lies inside the standard library)
+        lines = text.getvalue().replace(f"{REPO_ROOT}/", "")
+        for path in site.getsitepackages():
+            lines = lines.replace(f"{path}/", "site-packages/")
+        results["profile_top25_own_time"] = lines.replace(f"{sysconfig.get_paths()['stdlib']}/", "python/").splitlines()
     args.results_dir.mkdir(parents=True, exist_ok=True)
     stem = "pipeline" if not args.real_model else "pipeline_real_model"
     write_json_atomic(args.results_dir / f"{stem}.json", results)
