@@ -48,11 +48,14 @@ def main():
     human, _ = load_labelled_csv(HUMAN_DATA)
     _, held_out = calibration_halves(split_human(human)[1], HUMAN_SPLIT_SEED)
     texts, labels = held_out["review"].tolist(), held_out["label"].to_numpy()
+    def portable(text):  # no machine's paths in the results: the runs folder as runs/
+        return text.replace(f"{args.runs.resolve()}/", "runs/")
+
     commands = {}
     if (args.runs / "commands.log").is_file():
         for line in (args.runs / "commands.log").read_text(encoding="utf-8").splitlines():
             name, command = line.split(" ", 1)[1].split(": ", 1)
-            commands[name] = command.replace(f"{args.runs.resolve()}/", "runs/")  # no machine's paths in the results
+            commands[name] = portable(command)
     candidates = [(f"shipped {name}", REPO_ROOT / "models" / "classifiers" / name) for name in SHIPPED]
     candidates += [(run.name, run / "best") for run in sorted(args.runs.iterdir()) if (run / "best" / "checkpoint.json").is_file()]
     rows = []
@@ -64,7 +67,7 @@ def main():
         classifier = Classifier.load(folder)
         metrics = info.get("metrics", {})
         row = {"run": name, "method": info["method"], "checkpoint": repo_relative(folder) if folder.is_relative_to(REPO_ROOT) else f"runs/{folder.parent.name}/best", "epoch": info.get("epoch"),
-               "command": commands.get(name, ""), "init_from": info.get("init_from", "").replace(f"{args.runs.resolve()}/", "runs/"),
+               "command": commands.get(name, ""), "init_from": portable(info.get("init_from", "")),
                "human_train": info.get("data_rows", {}).get("human_train", 0),
                "distant_share": info.get("run", {}).get("distant_share", "(weibo_senti_100k only)"),
                "held_out": figures(classifier, texts, labels),
